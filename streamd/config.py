@@ -1,0 +1,382 @@
+"""Configuration: one typed, frozen object built from TOML and validated when built.
+
+Every error names the offending key (``signal[2].size: ...``) so that ``streamd check-config``
+and a failed SIGHUP reload can tell the operator exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+WindowKind = Literal["time", "count", "ewma"]
+IngestMode = Literal["pull", "sub"]
+PublishMode = Literal["record", "batch"]
+LogFormat = Literal["logfmt", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+WINDOW_STATS = ("count", "sum", "mean", "std", "var", "min", "max", "first", "last", "volume", "vwap", "zscore")
+EWMA_STATS = ("ewma",)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss)://.+$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def parse_duration(value: object, key: str) -> int:
+    """Parse ``"500us"``, ``"250ms"``, ``"1s"``, ``"5m"`` into integer nanoseconds (> 0)."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        msg = f"{key}: expected a duration string such as '250ms', got {value!r}"
+        raise ConfigError(msg)
+    match = _DURATION.match(value)
+    if match is None:
+        msg = f"{key}: bad duration {value!r} (use a number and one of ns, us, ms, s, m, h)"
+        raise ConfigError(msg)
+    number, unit = match.groups()
+    nanos = round(float(number) * _UNIT_NS[unit])
+    if nanos <= 0:
+        msg = f"{key}: duration must be positive, got {value!r}"
+        raise ConfigError(msg)
+    return nanos
+
+
+def format_duration(nanos: int) -> str:
+    """Inverse of :func:`parse_duration` for whole units, used in logs and docs."""
+    for unit in ("h", "m", "s", "ms", "us"):
+        if nanos % _UNIT_NS[unit] == 0:
+            return f"{nanos // _UNIT_NS[unit]}{unit}"
+    return f"{nanos}ns"
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """What one signal computes: the window *specification*, never its state."""
+
+    name: str
+    window: WindowKind
+    size: int  # nanoseconds for "time" and "ewma" (half-life), ticks for "count"
+    stats: tuple[str, ...]
+    emit_interval_ns: int = 0
+    publish: PublishMode = "record"
+
+    def same_window(self, other: SignalSpec) -> bool:
+        """True when state built under ``other`` is valid for this spec (reload keeps it)."""
+        return (self.name, self.window, self.size) == (other.name, other.window, other.size)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    mode: IngestMode = "pull"
+    endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    subscribe: tuple[str, ...] = ("",)
+    rcvhwm: int = 100_000
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    max_batch_delay_ns: int = 1_000_000
+    max_batch_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 0  # 0 = one per CPU core
+    queue_batches: int = 10_000  # ZeroMQ high-water mark between ingest and each worker
+
+    def resolved_count(self) -> int:
+        return self.count or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    sndhwm: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9108"
+
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "logfmt"
+    rate_limit_per_s: float = 5.0  # per message kind, for anything an input can trigger
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    graceful_timeout_ns: int = 5_000_000_000
+
+
+DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
+    SignalSpec("px1s", "time", 1_000_000_000, ("count", "mean", "std", "min", "max", "vwap", "last", "zscore")),
+    SignalSpec("mean100", "count", 100, ("mean", "std")),
+    SignalSpec("ewma1s", "ewma", 1_000_000_000, ("ewma",)),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    signals: tuple[SignalSpec, ...] = DEFAULT_SIGNALS
+    source: str = "<built-in>"
+
+    def digest(self) -> str:
+        """Short, stable hash of the effective configuration (exported in build info)."""
+        text = repr(replace(self, source=""))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _expect(value: object, kinds: type | tuple[type, ...], key: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        msg = f"{key}: expected {what}, got {value!r}"
+        raise ConfigError(msg)
+    if not isinstance(value, kinds):
+        msg = f"{key}: expected {what}, got {type(value).__name__} {value!r}"
+        raise ConfigError(msg)
+    return value
+
+
+def _choice(value: object, literal: Any, key: str) -> Any:
+    choices = get_args(literal)
+    if value not in choices:
+        msg = f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        raise ConfigError(msg)
+    return value
+
+
+def _positive_int(value: object, key: str, minimum: int = 1) -> int:
+    number = _expect(value, int, key, "an integer")
+    if number < minimum:
+        msg = f"{key}: must be >= {minimum}, got {number}"
+        raise ConfigError(msg)
+    return int(number)
+
+
+def _endpoint(value: object, key: str) -> str:
+    text = _expect(value, str, key, "a ZeroMQ endpoint string")
+    if not _ENDPOINT.match(text):
+        msg = f"{key}: bad endpoint {text!r} (expected e.g. 'tcp://127.0.0.1:5555' or 'ipc:///run/streamd/in')"
+        raise ConfigError(msg)
+    return str(text)
+
+
+def _endpoints(value: object, key: str) -> tuple[str, ...]:
+    items = _expect(value, list, key, "a list of endpoints")
+    if not items:
+        msg = f"{key}: needs at least one endpoint"
+        raise ConfigError(msg)
+    return tuple(_endpoint(item, f"{key}[{i}]") for i, item in enumerate(items))
+
+
+def _reject_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    for name in table:
+        if name not in allowed:
+            where = f"{prefix}.{name}" if prefix else name
+            msg = f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})"
+            raise ConfigError(msg)
+
+
+def _table(raw: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str, Any]:
+    table = raw.get(name, {})
+    _expect(table, dict, name, "a table")
+    _reject_unknown(table, allowed, name)
+    return table
+
+
+def _build_ingest(raw: Mapping[str, Any]) -> IngestConfig:
+    table = _table(raw, "ingest", {"mode", "endpoints", "subscribe", "rcvhwm"})
+    default = IngestConfig()
+    subscribe = table.get("subscribe", list(default.subscribe))
+    _expect(subscribe, list, "ingest.subscribe", "a list of topic prefixes")
+    return IngestConfig(
+        mode=_choice(table.get("mode", default.mode), IngestMode, "ingest.mode"),
+        endpoints=_endpoints(table.get("endpoints", list(default.endpoints)), "ingest.endpoints"),
+        subscribe=tuple(_expect(s, str, f"ingest.subscribe[{i}]", "a string") for i, s in enumerate(subscribe)),
+        rcvhwm=_positive_int(table.get("rcvhwm", default.rcvhwm), "ingest.rcvhwm", 0),
+    )
+
+
+def _build_latency(raw: Mapping[str, Any]) -> LatencyConfig:
+    table = _table(raw, "latency", {"max_batch_delay", "max_batch_size"})
+    default = LatencyConfig()
+    delay = table.get("max_batch_delay")
+    return LatencyConfig(
+        max_batch_delay_ns=default.max_batch_delay_ns if delay is None else parse_duration(delay, "latency.max_batch_delay"),
+        max_batch_size=_positive_int(table.get("max_batch_size", default.max_batch_size), "latency.max_batch_size"),
+    )
+
+
+def _build_workers(raw: Mapping[str, Any]) -> WorkersConfig:
+    table = _table(raw, "workers", {"count", "queue_batches"})
+    default = WorkersConfig()
+    return WorkersConfig(
+        count=_positive_int(table.get("count", default.count), "workers.count", 0),
+        queue_batches=_positive_int(table.get("queue_batches", default.queue_batches), "workers.queue_batches"),
+    )
+
+
+def _build_publish(raw: Mapping[str, Any]) -> PublishConfig:
+    table = _table(raw, "publish", {"endpoint", "sndhwm"})
+    default = PublishConfig()
+    return PublishConfig(
+        endpoint=_endpoint(table.get("endpoint", default.endpoint), "publish.endpoint"),
+        sndhwm=_positive_int(table.get("sndhwm", default.sndhwm), "publish.sndhwm", 0),
+    )
+
+
+def _build_metrics(raw: Mapping[str, Any]) -> MetricsConfig:
+    table = _table(raw, "metrics", {"listen"})
+    listen = _expect(table.get("listen", MetricsConfig().listen), str, "metrics.listen", "'host:port'")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        msg = f"metrics.listen: expected 'host:port' with a port 0-65535, got {listen!r}"
+        raise ConfigError(msg)
+    return MetricsConfig(listen=listen)
+
+
+def _build_log(raw: Mapping[str, Any]) -> LogConfig:
+    table = _table(raw, "log", {"level", "format", "rate_limit_per_s"})
+    default = LogConfig()
+    rate = _expect(table.get("rate_limit_per_s", default.rate_limit_per_s), (int, float), "log.rate_limit_per_s", "a number")
+    if rate <= 0:
+        msg = f"log.rate_limit_per_s: must be > 0, got {rate}"
+        raise ConfigError(msg)
+    return LogConfig(
+        level=_choice(table.get("level", default.level), LogLevel, "log.level"),
+        format=_choice(table.get("format", default.format), LogFormat, "log.format"),
+        rate_limit_per_s=float(rate),
+    )
+
+
+def _build_shutdown(raw: Mapping[str, Any]) -> ShutdownConfig:
+    table = _table(raw, "shutdown", {"graceful_timeout"})
+    timeout = table.get("graceful_timeout")
+    if timeout is None:
+        return ShutdownConfig()
+    return ShutdownConfig(graceful_timeout_ns=parse_duration(timeout, "shutdown.graceful_timeout"))
+
+
+def _build_signal(table: object, key: str) -> SignalSpec:
+    _expect(table, dict, key, "a table")
+    assert isinstance(table, dict)
+    _reject_unknown(table, {"name", "window", "size", "stats", "emit_interval", "publish"}, key)
+    for required in ("name", "window", "size"):
+        if required not in table:
+            msg = f"{key}.{required}: required"
+            raise ConfigError(msg)
+    name = _expect(table["name"], str, f"{key}.name", "a string")
+    if not _NAME.match(name):
+        msg = f"{key}.name: {name!r} must match [A-Za-z0-9_]+"
+        raise ConfigError(msg)
+    window = _choice(table["window"], WindowKind, f"{key}.window")
+    if window == "count":
+        size = _positive_int(table["size"], f"{key}.size")
+    else:
+        size = parse_duration(table["size"], f"{key}.size")
+    allowed = EWMA_STATS if window == "ewma" else WINDOW_STATS
+    stats_raw = table.get("stats", list(allowed[:1] if window == "ewma" else ("count", "mean", "last")))
+    _expect(stats_raw, list, f"{key}.stats", "a list of stat names")
+    if not stats_raw:
+        msg = f"{key}.stats: needs at least one stat"
+        raise ConfigError(msg)
+    for i, stat in enumerate(stats_raw):
+        if stat not in allowed:
+            msg = f"{key}.stats[{i}]: {stat!r} is not a {window}-window stat (allowed: {', '.join(allowed)})"
+            raise ConfigError(msg)
+    if len(set(stats_raw)) != len(stats_raw):
+        msg = f"{key}.stats: duplicate stat names"
+        raise ConfigError(msg)
+    interval = table.get("emit_interval")
+    return SignalSpec(
+        name=name,
+        window=window,
+        size=size,
+        stats=tuple(stats_raw),
+        emit_interval_ns=0 if interval is None else parse_duration(interval, f"{key}.emit_interval"),
+        publish=_choice(table.get("publish", "record"), PublishMode, f"{key}.publish"),
+    )
+
+
+def _build_signals(raw: Mapping[str, Any]) -> tuple[SignalSpec, ...]:
+    if "signal" not in raw:
+        return DEFAULT_SIGNALS
+    tables = _expect(raw["signal"], list, "signal", "an array of tables ([[signal]])")
+    if not tables:
+        msg = "signal: at least one [[signal]] is required"
+        raise ConfigError(msg)
+    specs = tuple(_build_signal(table, f"signal[{i}]") for i, table in enumerate(tables))
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            msg = f"signal[{i}].name: duplicate signal name {spec.name!r}"
+            raise ConfigError(msg)
+        seen.add(spec.name)
+    return specs
+
+
+def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    """Build and validate a :class:`Config` from parsed TOML."""
+    allowed = {"ingest", "latency", "workers", "publish", "metrics", "log", "shutdown", "signal"}
+    _reject_unknown(raw, allowed, "")
+    return Config(
+        ingest=_build_ingest(raw),
+        latency=_build_latency(raw),
+        workers=_build_workers(raw),
+        publish=_build_publish(raw),
+        metrics=_build_metrics(raw),
+        log=_build_log(raw),
+        shutdown=_build_shutdown(raw),
+        signals=_build_signals(raw),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; every failure is a :class:`ConfigError`."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"cannot read config {str(file)!r}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"{file}: not valid TOML: {exc}"
+        raise ConfigError(msg) from None
+    return config_from_mapping(raw, source=str(file))
+
+
+def with_overrides(config: Config, *, workers: int | None = None) -> Config:
+    """Apply command-line overrides (``--workers``) on top of a loaded config."""
+    if workers is None:
+        return config
+    if workers < 0:
+        msg = f"--workers: must be >= 0, got {workers}"
+        raise ConfigError(msg)
+    return replace(config, workers=replace(config.workers, count=workers))
+

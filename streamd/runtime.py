@@ -1,0 +1,55 @@
+"""Where the processes of one daemon find each other: ipc endpoints and the metrics directory.
+
+Everything lives under one private runtime directory: ``$RUNTIME_DIRECTORY`` under systemd
+(``RuntimeDirectory=streamd``), otherwise a fresh temporary directory per run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_NAME = 15
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (port in use, bad endpoint): one clear message, exit non-zero."""
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    root: str
+
+    @classmethod
+    def create(cls) -> RuntimePaths:
+        base = os.environ.get("RUNTIME_DIRECTORY")
+        root = tempfile.mkdtemp(prefix="streamd-", dir=base.split(":")[0] if base else None)
+        os.makedirs(Path(root, "metrics"))
+        return cls(root)
+
+    def worker_endpoint(self, index: int) -> str:
+        return f"ipc://{self.root}/worker-{index}"
+
+    @property
+    def forwarder_endpoint(self) -> str:
+        return f"ipc://{self.root}/signals"
+
+    @property
+    def metrics_dir(self) -> str:
+        return str(Path(self.root, "metrics"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def name_process(name: str) -> None:
+    """Set the kernel's name for this process (``top``, ``ps -o comm``), at most 15 bytes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        return
