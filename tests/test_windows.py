@@ -1,0 +1,298 @@
+"""Rolling-window engine: every stat against pandas (and exact references), batch by batch.
+
+A window at key k's newest tick t, for W = 5 (time) or N = 3 (count)::
+
+    ticks   1   3   4   6   9   9          time W=5: (4, 9]  -> 6, 9, 9
+                        [-------]          count N=3: last 3 -> 6, 9, 9
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamd.config import DEFAULT_SIGNALS, EWMA_STATS, WINDOW_STATS, SignalSpec
+from streamd.windows import Engine, SignalResult
+
+RTOL, ATOL = 1e-9, 1e-12
+Stream = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]
+
+
+def assert_close(actual: float, expected: float, what: str) -> None:
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: expected undefined, got {actual!r}"
+        return
+    assert not math.isnan(actual), f"{what}: expected {expected!r}, got undefined"
+    assert math.isclose(actual, expected, rel_tol=RTOL, abs_tol=ATOL), f"{what}: {actual!r} != {expected!r}"
+
+
+def pandas_window_row(spec: SignalSpec, t: np.ndarray, p: np.ndarray, q: np.ndarray) -> dict[str, float]:
+    """Last row of every window stat, computed by pandas on one key's accepted ticks."""
+    index = pd.DatetimeIndex(t - t[0])  # rebased so the float64 conversion inside pandas is exact
+    frame = pd.DataFrame({"p": p, "q": q, "pq": p * q, "traded": (q != 0).astype(float)}, index=index)
+    rolling = frame.rolling(f"{spec.size}ns") if spec.window == "time" else frame.rolling(spec.size, min_periods=1)
+    last = {name: getattr(rolling, name)().iloc[-1] for name in ("count", "sum", "mean", "std", "var", "min", "max")}
+    sums = rolling.sum().iloc[-1]
+    n = int(last["count"]["p"])
+    row = {name: float(value["p"]) for name, value in last.items()}
+    row["first"], row["last"] = float(p[-n]), float(p[-1])
+    row["volume"] = float(sums["q"])
+    row["vwap"] = float(sums["pq"] / sums["q"]) if sums["traded"] > 0 else math.nan
+    std = row["std"]
+    row["zscore"] = (row["last"] - row["mean"]) / std if std > 0 else math.nan
+    return row
+
+
+def pandas_ewma(spec: SignalSpec, t: np.ndarray, p: np.ndarray) -> float:
+    times = pd.DatetimeIndex(t - t[0])
+    return float(pd.Series(p).ewm(halflife=pd.Timedelta(spec.size, "ns"), times=times).mean().iloc[-1])
+
+
+def exact_ewma(half_life: int, t: np.ndarray, p: np.ndarray) -> float:
+    weights = [0.5 ** (int(t[-1] - ti) / half_life) for ti in t]
+    return math.fsum(w * pi for w, pi in zip(weights, p, strict=True)) / math.fsum(weights)
+
+
+@dataclass
+class AcceptedTicks:
+    """Independent bookkeeping of each key's accepted ticks (the late-tick rule, one tick at a time)."""
+
+    ticks: dict[int, list[tuple[int, float, float]]] = field(default_factory=lambda: defaultdict(list))
+
+    def feed(self, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray) -> tuple[set[int], int]:
+        touched, late = set(), 0
+        for key, ti, pi, qi in zip(slots.tolist(), t.tolist(), p.tolist(), q.tolist(), strict=True):
+            history = self.ticks[key]
+            if history and ti < history[-1][0]:
+                late += 1
+                continue
+            history.append((ti, pi, qi))
+            touched.add(key)
+        return touched, late
+
+    def arrays(self, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t, p, q = zip(*self.ticks[key], strict=True)
+        return np.array(t, np.int64), np.array(p), np.array(q)
+
+
+def check_results(
+    specs: list[SignalSpec], results: list[SignalResult], book: AcceptedTicks, touched: set[int]
+) -> None:
+    for spec, result in zip(specs, results, strict=True):
+        assert result.slots.tolist() == sorted(touched)
+        for row, key in enumerate(result.slots.tolist()):
+            t, p, q = book.arrays(key)
+            assert result.t[row] == t[-1]
+            if spec.window == "ewma":
+                assert_close(result.stats["ewma"][row], pandas_ewma(spec, t, p), f"{spec.name} key {key} ewma")
+                exact = exact_ewma(spec.size, t, p)
+                assert math.isclose(result.stats["ewma"][row], exact, rel_tol=1e-12), "ewma vs exact"
+                continue
+            expected = pandas_window_row(spec, t, p, q)
+            for stat in spec.stats:
+                assert_close(float(result.stats[stat][row]), expected[stat], f"{spec.name} key {key} {stat}")
+
+
+@st.composite
+def tick_streams(draw: st.DrawFn) -> Stream:
+    """Several keys; equal times, gaps and late ticks; grid prices; volumes with zeros; batch cuts."""
+    n = draw(st.integers(1, 80))
+    slots = np.array(draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)), np.int64)
+    steps = draw(st.lists(st.sampled_from([0, 0, 1, 2, 3, 7, 40, -2, -9]), min_size=n, max_size=n))
+    t = 1_700_000_000_000_000_000 + np.cumsum(np.array(steps, np.int64))
+    base = draw(st.sampled_from([0.0, 100.0, 1e5]))
+    p = base + np.array(draw(st.lists(st.integers(-40, 40), min_size=n, max_size=n))) * 0.25
+    q = np.array(draw(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.5, 7.0]), min_size=n, max_size=n)))
+    cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
+    return slots, t, p, q, cuts
+
+
+def run_oracle(specs: list[SignalSpec], stream: Stream) -> None:
+    slots, t, p, q, cuts = stream
+    engine, book = Engine(specs), AcceptedTicks()
+    for part in np.split(np.arange(slots.size), cuts):
+        results, late = engine.process(slots[part], t[part], p[part], q[part])
+        touched, expected_late = book.feed(slots[part], t[part], p[part], q[part])
+        assert late == expected_late
+        check_results(specs, results, book, touched)
+    assert engine.n_keys == len({k for k, ticks in book.ticks.items() if ticks})
+
+
+ORACLE_SETTINGS = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class TestOracle:
+    @ORACLE_SETTINGS
+    @given(stream=tick_streams(), width=st.sampled_from([1, 3, 10, 45, 200]))
+    def test_time_window_matches_pandas(self, stream: tuple, width: int) -> None:
+        """Every stat of a time window equals pandas rolling('Wns') at each key's newest tick."""
+        run_oracle([SignalSpec("tw", "time", width, WINDOW_STATS)], stream)
+
+    @ORACLE_SETTINGS
+    @given(stream=tick_streams(), length=st.sampled_from([1, 2, 3, 7, 50]))
+    def test_count_window_matches_pandas(self, stream: tuple, length: int) -> None:
+        """Every stat of a count window equals pandas rolling(N, min_periods=1)."""
+        run_oracle([SignalSpec("cw", "count", length, WINDOW_STATS)], stream)
+
+    @ORACLE_SETTINGS
+    @given(stream=tick_streams(), half_life=st.sampled_from([1, 5, 33, 1000]))
+    def test_ewma_matches_pandas_and_exact_sum(self, stream: tuple, half_life: int) -> None:
+        """EWMA equals pandas ewm(halflife, times) and an fsum over int64-gap weights (1e-12)."""
+        run_oracle([SignalSpec("ew", "ewma", half_life, EWMA_STATS)], stream)
+
+    @ORACLE_SETTINGS
+    @given(stream=tick_streams())
+    def test_signals_together_with_stat_subsets(self, stream: tuple) -> None:
+        """Several signals with partial stat lists run side by side on one engine."""
+        specs = [
+            SignalSpec("a", "time", 20, ("min", "zscore")),
+            SignalSpec("b", "count", 4, ("vwap", "last")),
+            SignalSpec("c", "ewma", 10, EWMA_STATS),
+        ]
+        run_oracle(specs, stream)
+
+
+class TestLateTicks:
+    def test_late_ticks_are_dropped_and_counted(self) -> None:
+        """A tick older than its key's newest accepted tick is dropped; equal times are kept."""
+        engine = Engine([SignalSpec("cw", "count", 10, ("count", "last"))])
+        slots = np.array([0, 0, 1, 0, 0, 1], np.int64)
+        t = np.array([10, 12, 5, 11, 12, 4], np.int64)
+        p = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        (result,), late = engine.process(slots, t, p, np.ones(6))
+        assert late == 2
+        assert result.slots.tolist() == [0, 1]
+        assert result.t.tolist() == [12, 5]
+        assert result.stats["count"].tolist() == [3.0, 1.0]
+        assert result.stats["last"].tolist() == [5.0, 3.0]
+
+    def test_key_with_only_late_ticks_is_not_emitted(self) -> None:
+        """Keys whose ticks in a batch were all late do not appear in the results."""
+        engine = Engine([SignalSpec("tw", "time", 100, ("count",))])
+        engine.process(np.array([0, 1]), np.array([50, 50]), np.ones(2), np.ones(2))
+        (result,), late = engine.process(np.array([0, 1]), np.array([49, 51]), np.ones(2), np.ones(2))
+        assert late == 1
+        assert result.slots.tolist() == [1]
+
+    def test_empty_batch(self) -> None:
+        """An empty batch yields empty results for every signal and no late ticks."""
+        engine = Engine(list(DEFAULT_SIGNALS))
+        empty = np.zeros(0, np.int64)
+        results, late = engine.process(empty, empty, np.zeros(0), np.zeros(0))
+        assert late == 0
+        assert [r.slots.size for r in results] == [0, 0, 0]
+        assert set(results[0].stats) == set(DEFAULT_SIGNALS[0].stats)
+
+
+class TestNumericalStability:
+    def test_long_run_at_large_prices_does_not_drift(self) -> None:
+        """After 2M ticks of a 1e5 random walk with 1e-4 steps, stats equal a direct recomputation."""
+        rng = np.random.default_rng(7)
+        n, keys = 2_000_000, 3
+        slots = rng.integers(0, keys, n)
+        t = np.cumsum(rng.integers(0, 3_000, n))
+        p = 1e5 + np.cumsum(rng.choice([-1e-4, 1e-4], n))
+        q = rng.integers(0, 50, n).astype(np.float64)
+        specs = [SignalSpec("tw", "time", 50_000_000, WINDOW_STATS), SignalSpec("cw", "count", 5_000, WINDOW_STATS)]
+        engine = Engine(specs)
+        cuts = np.cumsum(rng.integers(1, 60_000, 200))
+        results: list[SignalResult] = []
+        for part in np.split(np.arange(n), cuts[cuts < n]):
+            results, _ = engine.process(slots[part], t[part], p[part], q[part])
+        for spec, result in zip(specs, results, strict=True):
+            for row, key in enumerate(result.slots.tolist()):
+                mine = slots == key
+                kt, kp, kq = t[mine], p[mine], q[mine]
+                by_time = spec.window == "time"
+                start = np.searchsorted(kt, kt[-1] - spec.size, "right") if by_time else kp.size - spec.size
+                wp, wq = kp[start:], kq[start:]
+                moves = wp - wp[-1]  # exact; keeps the reference itself free of cancellation
+                mean_move, std = math.fsum(moves) / wp.size, moves.std(ddof=1)
+                expected = {
+                    "count": wp.size, "sum": math.fsum(wp), "mean": wp[-1] + mean_move, "std": std,
+                    "var": moves.var(ddof=1), "min": wp.min(), "max": wp.max(), "first": wp[0], "last": wp[-1],
+                    "volume": wq.sum(), "vwap": wp[-1] + math.fsum(moves * wq) / wq.sum(), "zscore": -mean_move / std,
+                }  # fmt: skip
+                for stat, value in expected.items():
+                    assert_close(float(result.stats[stat][row]), float(value), f"{spec.name} key {key} {stat}")
+                frame = pd.Series(kp, index=pd.DatetimeIndex(kt - kt[0]))
+                window = frame.rolling(f"{spec.size}ns") if spec.window == "time" else frame.rolling(spec.size)
+                assert_close(float(result.stats["mean"][row]), float(window.mean().iloc[-1]), "pandas mean")
+
+    def test_variance_of_constant_prices_is_exactly_zero(self) -> None:
+        """A window of identical large prices has var 0, std 0 and an undefined z-score."""
+        engine = Engine([SignalSpec("cw", "count", 3, ("var", "std", "zscore"))])
+        prices = np.array([5.0, 1e5 + 0.1, 1e5 + 0.1, 1e5 + 0.1])
+        engine.process(np.zeros(4, np.int64), np.arange(4), prices, np.ones(4))
+        (result,), _ = engine.process(np.zeros(1, np.int64), np.array([9]), np.array([1e5 + 0.1]), np.ones(1))
+        assert result.stats["var"][0] == 0.0
+        assert result.stats["std"][0] == 0.0
+        assert math.isnan(result.stats["zscore"][0])
+
+
+class TestReconfigure:
+    def test_unchanged_signals_keep_state_and_new_ones_start_empty(self) -> None:
+        """Reconfigure keeps same-window signals (even with new stats); new signals start empty."""
+        rng = np.random.default_rng(3)
+        n = 400
+        slots = rng.integers(0, 3, n)
+        t = np.cumsum(rng.integers(0, 5, n))
+        p = 100 + rng.integers(-20, 20, n) * 0.5
+        q = rng.integers(0, 4, n).astype(np.float64)
+        kept = SignalSpec("kept", "time", 30, ("mean",))
+        dropped = SignalSpec("gone", "count", 5, ("sum",))
+        engine, book = Engine([kept, dropped]), AcceptedTicks()
+        engine.process(slots[:200], t[:200], p[:200], q[:200])
+        book.feed(slots[:200], t[:200], p[:200], q[:200])
+        kept_more = SignalSpec("kept", "time", 30, WINDOW_STATS)
+        fresh = SignalSpec("fresh", "count", 4, ("count", "mean"))
+        engine.reconfigure([kept_more, fresh])
+        results, _ = engine.process(slots[200:], t[200:], p[200:], q[200:])
+        touched, _ = book.feed(slots[200:], t[200:], p[200:], q[200:])
+        check_results([kept_more], results[:1], book, touched)
+        fresh_book = AcceptedTicks()
+        fresh_book.feed(slots[200:], t[200:], p[200:], q[200:])
+        check_results([fresh], results[1:], fresh_book, touched)
+
+    def test_resized_window_starts_empty(self) -> None:
+        """A signal whose window size changes is rebuilt from scratch."""
+        engine = Engine([SignalSpec("s", "count", 10, ("count",))])
+        engine.process(np.zeros(5, np.int64), np.arange(5), np.ones(5), np.ones(5))
+        engine.reconfigure([SignalSpec("s", "count", 20, ("count",))])
+        (result,), _ = engine.process(np.zeros(1, np.int64), np.array([9]), np.ones(1), np.ones(1))
+        assert result.stats["count"].tolist() == [1.0]
+
+
+class TestStorage:
+    def test_memory_per_key_and_signal_is_bounded(self) -> None:
+        """100k keys with 3 ticks each hold under 2 KiB per key per signal."""
+        keys, engine = 100_000, Engine(list(DEFAULT_SIGNALS))
+        for tick in range(3):
+            slots = np.random.default_rng(tick).permutation(keys)
+            engine.process(slots, np.full(keys, tick * 1000), np.full(keys, 100.0 + tick), np.ones(keys))
+        assert engine.n_keys == keys
+        assert engine.memory_bytes() / (keys * len(DEFAULT_SIGNALS)) < 2048
+
+    def test_windows_survive_growth_shrink_and_compaction(self) -> None:
+        """Rings that grow, empty out and get compacted keep returning correct windows and free memory."""
+        spec = SignalSpec("tw", "time", 1_000, ("count", "sum", "min", "max", "first"))
+        engine, book = Engine([spec]), AcceptedTicks()
+        rng = np.random.default_rng(11)
+        now, peak = 0, 0
+        for burst in range(14):
+            size = 15_000 if burst < 3 else int(rng.integers(1, 300))
+            slots = rng.integers(0, 100, size)
+            t = now + np.sort(rng.integers(0, 900, size))
+            p = rng.integers(0, 1000, size).astype(np.float64)
+            results, _ = engine.process(slots, t, p, np.ones(size))
+            touched, _ = book.feed(slots, t, p, np.ones(size))
+            check_results([spec], results, book, touched)
+            peak = max(peak, engine.memory_bytes())
+            now += 5_000 if burst % 3 == 2 else 300
+        assert engine.memory_bytes() < peak / 4
