@@ -25,7 +25,15 @@ WINDOW_STATS = ("count", "sum", "mean", "std", "var", "min", "max", "first", "la
 EWMA_STATS = ("ewma",)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
-_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
+_UNIT_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss)://.+$")
 
@@ -225,7 +233,9 @@ def _build_latency(raw: Mapping[str, Any]) -> LatencyConfig:
     default = LatencyConfig()
     delay = table.get("max_batch_delay")
     return LatencyConfig(
-        max_batch_delay_ns=default.max_batch_delay_ns if delay is None else parse_duration(delay, "latency.max_batch_delay"),
+        max_batch_delay_ns=default.max_batch_delay_ns
+        if delay is None
+        else parse_duration(delay, "latency.max_batch_delay"),
         max_batch_size=_positive_int(table.get("max_batch_size", default.max_batch_size), "latency.max_batch_size"),
     )
 
@@ -251,7 +261,7 @@ def _build_publish(raw: Mapping[str, Any]) -> PublishConfig:
 def _build_metrics(raw: Mapping[str, Any]) -> MetricsConfig:
     table = _table(raw, "metrics", {"listen"})
     listen = _expect(table.get("listen", MetricsConfig().listen), str, "metrics.listen", "'host:port'")
-    host, sep, port = listen.rpartition(":")
+    _, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         msg = f"metrics.listen: expected 'host:port' with a port 0-65535, got {listen!r}"
         raise ConfigError(msg)
@@ -261,7 +271,9 @@ def _build_metrics(raw: Mapping[str, Any]) -> MetricsConfig:
 def _build_log(raw: Mapping[str, Any]) -> LogConfig:
     table = _table(raw, "log", {"level", "format", "rate_limit_per_s"})
     default = LogConfig()
-    rate = _expect(table.get("rate_limit_per_s", default.rate_limit_per_s), (int, float), "log.rate_limit_per_s", "a number")
+    rate = _expect(
+        table.get("rate_limit_per_s", default.rate_limit_per_s), (int, float), "log.rate_limit_per_s", "a number"
+    )
     if rate <= 0:
         msg = f"log.rate_limit_per_s: must be > 0, got {rate}"
         raise ConfigError(msg)
@@ -379,4 +391,3 @@ def with_overrides(config: Config, *, workers: int | None = None) -> Config:
         msg = f"--workers: must be >= 0, got {workers}"
         raise ConfigError(msg)
     return replace(config, workers=replace(config.workers, count=workers))
-

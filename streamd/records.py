@@ -46,7 +46,7 @@ def encode_records(
     messages = []
     for topic, key, time_ns, *values in zip(topics, keys, t.tolist(), *columns, strict=True):
         record = head | {"k": key, "t": time_ns, "pub_ns": pub_ns}
-        record.update(zip(names, values))
+        record.update(zip(names, values, strict=True))
         messages.append([topic, pack(record)])
     return messages
 

@@ -12,7 +12,13 @@ from streamd.config import Config, ConfigError, config_from_mapping, load_config
 
 @pytest.mark.parametrize(
     ("text", "nanos"),
-    [("500us", 500_000), ("250ms", 250_000_000), ("1s", 1_000_000_000), ("5m", 300_000_000_000), ("1.5s", 1_500_000_000)],
+    [
+        ("500us", 500_000),
+        ("250ms", 250_000_000),
+        ("1s", 1_000_000_000),
+        ("5m", 300_000_000_000),
+        ("1.5s", 1_500_000_000),
+    ],
 )
 def test_durations_parse_to_nanoseconds(text: str, nanos: int) -> None:
     """Durations in the documented units become integer nanoseconds."""

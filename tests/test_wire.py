@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from streamd.config import DEFAULT_SIGNALS
 from streamd.records import decode_record, encode_batch_record, encode_records, topic_for
 from streamd.sharding import shard_for
-from streamd.transport import EndOfInput, Reconfigure, WorkerBatch, decode, encode_batch, encode_end_of_input, encode_reconfigure
+from streamd.transport import (
+    EndOfInput,
+    Reconfigure,
+    WorkerBatch,
+    decode,
+    encode_batch,
+    encode_end_of_input,
+    encode_reconfigure,
+)
 
 keys = st.one_of(st.text(max_size=20), st.integers(min_value=-(2**63), max_value=2**63 - 1))
 
@@ -29,7 +37,9 @@ def test_shard_is_stable_across_processes_and_types() -> None:
     """Another interpreter (another hash salt) computes the same shards; "5" and 5 are distinct keys."""
     sample = ["AAPL", "MSFT", "ключ", 5, -1, 2**62]
     code = f"from streamd.sharding import shard_for; print([shard_for(k, 7) for k in {sample!r}])"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"}
+    )
     assert other.stdout.strip() == str([shard_for(k, 7) for k in sample])
     assert {shard_for(f"K{i}", 4) for i in range(100)} == {0, 1, 2, 3}
 

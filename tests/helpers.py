@@ -1,0 +1,273 @@
+"""Real daemons on free ports for tests: start, feed, subscribe, scrape, and always clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+READY_LINE = "streamd ready"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Exposition text to ``{'name{labels}': value}`` (comments dropped)."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    ingest: str
+    publish: str
+    metrics_address: str
+    config_path: Path
+    log_path: Path
+    ctx: zmq.Context[Any] = field(default_factory=zmq.Context)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
+
+    def scrape(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return parse_metrics(response.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample whose name (with labels) starts with ``name``."""
+        return sum(v for k, v in self.scrape().items() if k == name or k.startswith(name + "{"))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                msg = f"daemon exited ({self.proc.returncode}) while waiting for {what}:\n{self.log()[-3000:]}"
+                raise AssertionError(msg)
+            time.sleep(0.05)
+        msg = f"timed out waiting for {what}:\n{self.log()[-3000:]}"
+        raise AssertionError(msg)
+
+    def wait_idle(self, timeout: float = 20.0) -> dict[str, float]:
+        """Wait until received == processed + dropped holds and stays put; return that scrape."""
+        last: dict[str, float] = {}
+
+        def settled() -> bool:
+            nonlocal last
+            samples = self.scrape()
+            steady = accounting(samples) == 0 and samples.get("streamd_ticks_received_total") == last.get(
+                "streamd_ticks_received_total"
+            )
+            last = samples
+            return steady
+
+        self.wait_for(settled, timeout, "the pipeline to go idle with the accounting identity holding")
+        return last
+
+    def children(self) -> list[int]:
+        """PIDs of the supervisor's child processes."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in self.children() if _comm(pid).startswith("streamd-worker")]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""
+
+
+def accounting(samples: dict[str, float]) -> float:
+    """received - processed - dropped: zero when every tick is accounted for."""
+
+    def total(name: str) -> float:
+        return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+    return (
+        total("streamd_ticks_received_total")
+        - total("streamd_ticks_processed_total")
+        - total("streamd_ticks_dropped_total")
+    )
+
+
+def daemon_config(ingest: str, publish: str, metrics: str, workers: int, extra_toml: str, ingest_toml: str = "") -> str:
+    return f"""
+[ingest]
+endpoints = ["{ingest}"]
+{ingest_toml}
+[publish]
+endpoint = "{publish}"
+[metrics]
+listen = "{metrics}"
+[workers]
+count = {workers}
+[shutdown]
+graceful_timeout = "5s"
+{extra_toml}
+"""
+
+
+def start_daemon(config_path: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamd", "run", "--config", str(config_path), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def running_daemon(
+    tmp_path: Path, *, workers: int = 2, extra_toml: str = "", ingest: str | None = None, ingest_toml: str = ""
+) -> Iterator[Daemon]:
+    """Start ``streamd run`` on free ports, wait until it says it is ready, and always stop it."""
+    ingest = ingest or f"tcp://127.0.0.1:{free_port()}"
+    publish = f"tcp://127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
+    config_path = tmp_path / "streamd.toml"
+    config_path.write_text(daemon_config(ingest, publish, metrics, workers, extra_toml, ingest_toml))
+    log_path = tmp_path / "streamd.log"
+    proc = start_daemon(config_path, log_path)
+    daemon = Daemon(proc, ingest, publish, metrics, config_path, log_path)
+    try:
+        daemon.wait_for(lambda: READY_LINE in daemon.log(), 30, "the ready log line")
+        yield daemon
+    finally:
+        stop_process(proc)
+        daemon.ctx.destroy(0)
+
+
+def feed(endpoint: str, payloads: list[bytes], frames_before: list[bytes] | None = None) -> None:
+    """Send each payload on a plain PUSH socket (optionally after envelope frames)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 10_000)
+    sock.connect(endpoint)
+    try:
+        for payload in payloads:
+            sock.send_multipart([*(frames_before or []), payload])
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def make_ticks(
+    n: int, keys: int = 20, seed: int = 0, start_ns: int = 1_700_000_000_000_000_000
+) -> list[dict[str, Any]]:
+    """Random-walk ticks with strictly increasing times per key (so (k, t) names a record)."""
+    rng = np.random.default_rng(seed)
+    key_ids = rng.integers(0, keys, n)
+    gaps = rng.integers(1, 50_000_000, n)
+    t = start_ns + np.cumsum(gaps)
+    price = 100 + np.cumsum(rng.normal(0, 0.05, n))
+    qty = rng.integers(0, 5, n).astype(float)
+    return [
+        {"k": f"K{k}", "t": int(ti), "p": float(pi), "q": float(qi)}
+        for k, ti, pi, qi in zip(key_ids.tolist(), t.tolist(), price.tolist(), qty.tolist(), strict=True)
+    ]
+
+
+class Subscriber:
+    """A SUB socket on the daemon's signal endpoint that collects decoded records."""
+
+    def __init__(self, daemon: Daemon, topic: bytes = b"") -> None:
+        self.daemon = daemon
+        self.sock = daemon.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sock.connect(daemon.publish)
+        self.records: list[dict[str, Any]] = []
+        self.topics: list[bytes] = []
+
+    def sync(self, send: Callable[[bytes], None] | None = None, timeout: float = 20.0) -> None:
+        """Feed probe ticks until one comes back, so no later record is lost to the slow joiner."""
+        deadline = time.monotonic() + timeout
+        send = send or (lambda payload: feed(self.daemon.ingest, [payload]))
+        while time.monotonic() < deadline:
+            send(msgpack.packb({"k": "__probe__", "t": time.time_ns(), "p": 1.0}))
+            if self.collect(lambda: any(r.get("k") == "__probe__" for r in self.records), timeout=0.3, quiet=True):
+                self.records.clear()
+                self.topics.clear()
+                self.drain(0.3)
+                self.records.clear()
+                self.topics.clear()
+                return
+        msg = "no probe record came back from the daemon"
+        raise AssertionError(msg)
+
+    def drain(self, quiet_for: float) -> None:
+        self.collect(lambda: False, timeout=quiet_for, quiet=True)
+
+    def collect(self, done: Callable[[], bool], timeout: float = 20.0, quiet: bool = False) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if quiet:
+                    return False
+                msg = f"timed out collecting records (have {len(self.records)})"
+                raise AssertionError(msg)
+            if self.sock.poll(int(min(remaining, 0.1) * 1000)):
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.topics.append(frames[0])
+                    self.records.append(msgpack.unpackb(frames[-1], strict_map_key=False))
+        return True
+
+    def close(self) -> None:
+        self.sock.close(0)

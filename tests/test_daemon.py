@@ -1,0 +1,138 @@
+"""The real daemon end to end: real processes, real ZeroMQ sockets, the real /metrics endpoint."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+from streamd.protocol import encode_columnar_bin
+
+from streamd.config import load_config
+from tests.helpers import Subscriber, accounting, feed, free_port, make_ticks, running_daemon
+from tests.oracle import as_float, expected_frame
+
+SIGNALS = """
+[[signal]]
+name = "tw"
+window = "time"
+size = "200ms"
+stats = ["count", "sum", "mean", "std", "var", "min", "max", "first", "last", "volume", "vwap", "zscore"]
+[[signal]]
+name = "cw"
+window = "count"
+size = 7
+stats = ["count", "sum", "mean", "std", "var", "min", "max", "first", "last", "volume", "vwap", "zscore"]
+[[signal]]
+name = "ew"
+window = "ewma"
+size = "150ms"
+stats = ["ewma"]
+"""
+
+
+def payloads_in_every_shape(ticks: list[dict[str, Any]]) -> list[bytes]:
+    """Cut the stream into consecutive chunks, each sent in a different payload shape."""
+    payloads = []
+    shapes = ["map", "array", "batch_maps", "batch_arrays", "columnar", "columnar_bin"]
+    chunks = np.array_split(np.arange(len(ticks)), 60)
+    for i, idx in enumerate(chunks):
+        part = [ticks[j] for j in idx]
+        shape = shapes[i % len(shapes)]
+        if shape == "map":
+            payloads += [msgpack.packb(tick) for tick in part]
+        elif shape == "array":
+            payloads += [msgpack.packb([x["k"], x["t"], x["p"], x["q"]]) for x in part]
+        elif shape == "batch_maps":
+            payloads.append(msgpack.packb(part))
+        elif shape == "batch_arrays":
+            payloads.append(msgpack.packb([[x["k"], x["t"], x["p"], x["q"]] for x in part]))
+        elif shape == "columnar":
+            payloads.append(msgpack.packb({c: [x[c] for x in part] for c in "ktpq"}))
+        else:
+            payloads.append(
+                encode_columnar_bin(
+                    [x["k"] for x in part],
+                    np.array([x["t"] for x in part], np.int64),
+                    np.array([x["p"] for x in part]),
+                    np.array([x["q"] for x in part]),
+                )
+            )
+    return payloads
+
+
+def check_records_against_pandas(records: list[dict[str, Any]], ticks: list[dict[str, Any]], config_path: Path) -> int:
+    """Every record equals pandas' value for its key at its event time; returns records checked."""
+    specs = {s.name: s for s in load_config(config_path).signals}
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for tick in ticks:
+        by_key[tick["k"]].append(tick)
+    frames = {}
+    checked = 0
+    for record in records:
+        spec = specs[record["signal"]]
+        key = record["k"]
+        if (spec.name, key) not in frames:
+            own = by_key[key]
+            t = np.array([x["t"] for x in own], np.int64)
+            frames[spec.name, key] = (t, expected_frame(t, [x["p"] for x in own], [x["q"] for x in own], spec))
+        t, frame = frames[spec.name, key]
+        row = int(np.searchsorted(t, record["t"]))
+        assert t[row] == record["t"], f"record time {record['t']} is not a tick of {key}"
+        for stat in spec.stats:
+            got, want = as_float(record[stat]), float(frame[stat].iloc[row])
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{spec.name}.{key}.{stat} row {row}")
+        checked += 1
+    return checked
+
+
+def test_every_payload_shape_matches_pandas(tmp_path: Path) -> None:
+    """Ticks sent in all payload shapes come out as records that match pandas for every stat."""
+    ticks = make_ticks(3000, keys=25, seed=1)
+    with running_daemon(tmp_path, workers=2, extra_toml=SIGNALS) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        feed(daemon.ingest, payloads_in_every_shape(ticks))
+        newest = {x["k"]: x["t"] for x in ticks}
+        sub.collect(lambda: sum(1 for r in sub.records if newest.get(r["k"]) == r["t"]) == 3 * len(newest))
+        sub.close()
+        samples = daemon.wait_idle()
+    assert check_records_against_pandas(sub.records, ticks, daemon.config_path) >= 3 * len(newest)
+    assert all(topic == f"{r['signal']}.{r['k']}".encode() for topic, r in zip(sub.topics, sub.records, strict=True))
+    assert samples["streamd_ticks_received_total"] >= len(ticks)
+    assert accounting(samples) == 0
+
+
+def test_sub_mode_reads_a_feed_publisher_and_ignores_envelope_frames(tmp_path: Path) -> None:
+    """ingest.mode = "sub" connects to a publisher; topic frames are ignored, prefixes filter."""
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    ticks = make_ticks(600, keys=6, seed=2)
+    try:
+        with running_daemon(
+            tmp_path,
+            workers=2,
+            extra_toml=SIGNALS,
+            ingest=f"tcp://127.0.0.1:{port}",
+            ingest_toml='mode = "sub"\nsubscribe = ["ticks."]',
+        ) as daemon:
+            sub = Subscriber(daemon)
+            sub.sync(send=lambda payload: pub.send_multipart([b"ticks.probe", payload]))
+            pub.send_multipart([b"other.topic", msgpack.packb({"k": "ignored", "t": 1, "p": 1.0})])
+            for tick in ticks:
+                pub.send_multipart([b"ticks." + tick["k"].encode(), b"envelope", msgpack.packb(tick)])
+            newest = {x["k"]: x["t"] for x in ticks}
+            sub.collect(lambda: sum(1 for r in sub.records if newest.get(r["k"]) == r["t"]) == 3 * len(newest))
+            sub.close()
+            daemon.wait_idle()
+    finally:
+        pub.close(0)
+        ctx.term()
+    assert not any(r["k"] == "ignored" for r in sub.records)
+    assert check_records_against_pandas(sub.records, ticks, daemon.config_path) >= 3 * len(newest)

@@ -1,0 +1,154 @@
+"""Process lifecycle of the real daemon: restarts, clean stop, reload, and user errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+
+from tests.helpers import Subscriber, accounting, daemon_config, feed, free_port, make_ticks, running_daemon
+
+
+def test_killed_worker_is_restarted_and_losses_are_accounted(tmp_path: Path) -> None:
+    """kill -9 of a worker: it comes back, restarts are counted, and the identity still holds."""
+    with running_daemon(tmp_path, workers=2) as daemon:
+        feed(daemon.ingest, [msgpack.packb(make_ticks(2000, keys=50, seed=3))])
+        daemon.wait_idle()
+        victim = daemon.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for(lambda: daemon.metric("streamd_worker_restarts_total") == 1, what="a restart to be counted")
+        daemon.wait_for(
+            lambda: daemon.metric("streamd_worker_up") == 2 and victim not in daemon.worker_pids(),
+            what="both workers up again",
+        )
+        sub = Subscriber(daemon)
+        sub.sync()
+        ticks = make_ticks(2000, keys=50, seed=4, start_ns=1_800_000_000_000_000_000)
+        feed(daemon.ingest, [msgpack.packb(ticks)])
+        keys = {x["k"] for x in ticks}
+        sub.collect(lambda: {r["k"] for r in sub.records} >= keys)
+        sub.close()
+        samples = daemon.wait_idle()
+        assert "worker died, restarting" in daemon.log()
+    assert accounting(samples) == 0
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM stops intake, finishes in-flight batches, exits 0 and leaves no children behind."""
+    with running_daemon(tmp_path, workers=2) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        ticks = make_ticks(5000, keys=100, seed=5)
+        feed(daemon.ingest, [msgpack.packb(ticks[i : i + 500]) for i in range(0, len(ticks), 500)])
+        children = daemon.children()
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+        elapsed = time.monotonic() - started
+        sub.collect(lambda: False, timeout=0.5, quiet=True)
+        sub.close()
+    assert elapsed < 6
+    deadline = time.monotonic() + 3
+    while [pid for pid in children if Path(f"/proc/{pid}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [(pid, Path(f"/proc/{pid}/cmdline").read_text()) for pid in children if Path(f"/proc/{pid}").exists()]
+    assert "streamd stopped" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_sighup_reload_keeps_state_of_unchanged_signals(tmp_path: Path) -> None:
+    """SIGHUP: an unchanged signal keeps its window, a new one starts, a bad config is rejected."""
+    signals = '[[signal]]\nname = "c"\nwindow = "count"\nsize = 1000\nstats = ["count"]\n'
+    with running_daemon(tmp_path, workers=1, extra_toml=signals) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        base = 1_700_000_000_000_000_000
+        feed(daemon.ingest, [msgpack.packb({"k": "A", "t": base + i, "p": 1.0 + i}) for i in range(10)])
+        sub.collect(lambda: any(r["k"] == "A" and r["count"] == 10 for r in sub.records))
+        text = daemon.config_path.read_text()
+        daemon.config_path.write_text(text + '[[signal]]\nname = "m"\nwindow = "count"\nsize = 3\nstats = ["mean"]\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "config reloaded" in daemon.log(), what="the reload")
+        feed(daemon.ingest, [msgpack.packb({"k": "A", "t": base + 10, "p": 11.0})])
+        sub.collect(lambda: any(r["signal"] == "m" for r in sub.records))
+        counts = [r["count"] for r in sub.records if r["signal"] == "c" and r["k"] == "A"]
+        means = [r["mean"] for r in sub.records if r["signal"] == "m"]
+        daemon.config_path.write_text(text + '[[signal]]\nname = "bad name"\nwindow = "count"\nsize = 3\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "config reload rejected" in daemon.log(), what="the rejection")
+        feed(daemon.ingest, [msgpack.packb({"k": "A", "t": base + 11, "p": 12.0})])
+        sub.collect(lambda: any(r.get("count") == 12 for r in sub.records))
+        sub.close()
+        assert daemon.proc.poll() is None
+        assert daemon.metric('streamd_config_reloads_total{result="failure"}') == 1
+    assert counts[-1] == 11
+    assert means == [11.0]
+
+
+def _run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "streamd", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_bad_config_is_one_clear_line_naming_the_key(tmp_path: Path) -> None:
+    """A wrong config value ends with one line naming the key and exit code 2, no traceback."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[signal]]\nname = "x"\nwindow = "time"\nsize = "5 parsecs"\n')
+    for args in (["run", "--config", str(bad)], ["check-config", str(bad)]):
+        result = _run_cli(*args)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "streamd: error: signal[0].size: bad duration '5 parsecs' (use a number and one of ns, us, ms, s, m, h)"
+        ]
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[ingest]\nendpoint = 'tcp://127.0.0.1:1'\n")
+    result = _run_cli("check-config", str(unknown))
+    assert result.returncode == 2 and "ingest.endpoint: unknown key" in result.stderr
+
+
+def test_check_config_accepts_the_shipped_production_config() -> None:
+    """deploy/streamd.toml is valid."""
+    result = _run_cli("check-config", str(Path(__file__).parents[1] / "deploy" / "streamd.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    """Every bind the daemon does fails cleanly when the port is taken."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        for section in ("ingest", "publish", "metrics"):
+            ports = {name: free_port() for name in ("ingest", "publish", "metrics")}
+            ports[section] = taken
+            config = tmp_path / f"{section}.toml"
+            config.write_text(
+                daemon_config(
+                    f"tcp://127.0.0.1:{ports['ingest']}",
+                    f"tcp://127.0.0.1:{ports['publish']}",
+                    f"127.0.0.1:{ports['metrics']}",
+                    1,
+                    "",
+                )
+            )
+            result = _run_cli("run", "--config", str(config))
+            assert result.returncode == 2, result.stderr
+            lines = [line for line in result.stderr.splitlines() if "streamd: error" in line]
+            assert len(lines) == 1 and str(taken) in lines[0], result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_bad_endpoint_is_rejected_at_load(tmp_path: Path) -> None:
+    """An endpoint that is not a ZeroMQ address is a config error naming the key."""
+    config = tmp_path / "c.toml"
+    config.write_text('[publish]\nendpoint = "localhost:5556"\n')
+    result = _run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "publish.endpoint: bad endpoint" in result.stderr
