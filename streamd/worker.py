@@ -64,11 +64,12 @@ class Throttle:
         self.last_emit[sent] = now_ns
         return SignalResult(sent, result.t[due], {name: col[due] for name, col in result.stats.items()})
 
-    def due(self, now_ns: int) -> SignalResult | None:
-        """Held rows whose interval has elapsed."""
+    def due(self, now_ns: int, *, everything: bool = False) -> SignalResult | None:
+        """Held rows whose interval has elapsed (all held rows when ``everything``, at shutdown)."""
         if not len(self.pending):
             return None
-        slots = np.flatnonzero(self.pending & (self.last_emit + self.interval_ns <= now_ns))
+        ready = self.pending if everything else self.pending & (self.last_emit + self.interval_ns <= now_ns)
+        slots = np.flatnonzero(ready)
         if not len(slots):
             return None
         self.pending[slots] = False
@@ -96,8 +97,11 @@ class SignalPublisher:
             result = self._throttle.admit(result, time.time_ns())
         self._send(result, keys)
 
-    def flush_due(self, keys: np.ndarray) -> None:
-        if self._throttle is not None and (result := self._throttle.due(time.time_ns())) is not None:
+    def flush_due(self, keys: np.ndarray, *, everything: bool = False) -> None:
+        if self._throttle is None:
+            return
+        result = self._throttle.due(time.time_ns(), everything=everything)
+        if result is not None:
             self._send(result, keys)
 
     def _send(self, result: SignalResult, keys: np.ndarray) -> None:
@@ -244,7 +248,7 @@ class Worker:
 
     def shutdown(self) -> None:
         for publisher in self.publishers:
-            publisher.flush_due(self.keys)
+            publisher.flush_due(self.keys, everything=True)
         self.pull.close(0)
         self.pub.close()
         self.ctx.term()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -9,9 +15,9 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
-from streamd.protocol import encode_columnar_bin
 
 from streamd.config import load_config
+from streamd.protocol import encode_columnar_bin
 from tests.helpers import Subscriber, accounting, feed, free_port, make_ticks, running_daemon
 from tests.oracle import as_float, expected_frame
 
@@ -136,3 +142,107 @@ def test_sub_mode_reads_a_feed_publisher_and_ignores_envelope_frames(tmp_path: P
         ctx.term()
     assert not any(r["k"] == "ignored" for r in sub.records)
     assert check_records_against_pandas(sub.records, ticks, daemon.config_path) >= 3 * len(newest)
+
+
+def test_batch_mode_and_emit_interval(tmp_path: Path) -> None:
+    """publish = "batch" sends one columnar message per batch; emit_interval thins records, newest wins."""
+    extra = """
+[[signal]]
+name = "b"
+window = "count"
+size = 5
+stats = ["count", "mean"]
+publish = "batch"
+[[signal]]
+name = "slow"
+window = "count"
+size = 5
+stats = ["count", "last"]
+emit_interval = "300ms"
+"""
+    ticks = make_ticks(2000, keys=10, seed=6)
+    with running_daemon(tmp_path, workers=2, extra_toml=extra) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        started = time.monotonic()
+        for i in range(0, len(ticks), 100):
+            feed(daemon.ingest, [msgpack.packb(ticks[i : i + 100])])
+            time.sleep(0.01)
+        last = {x["k"]: x for x in ticks}
+        sub.collect(lambda: sum(1 for r in sub.records if r["signal"] == "slow" and last[r["k"]]["t"] == r["t"]) == 10)
+        elapsed = time.monotonic() - started
+        sub.close()
+    batches = [r for r in sub.records if r["signal"] == "b"]
+    assert batches and all(isinstance(r["k"], list) and len(r["k"]) == len(r["t"]) == len(r["mean"]) for r in batches)
+    rows = [
+        {"signal": "b", "k": k, "t": t, "count": c, "mean": m}
+        for r in batches
+        for k, t, c, m in zip(r["k"], r["t"], r["count"], r["mean"], strict=True)
+    ]
+    assert check_records_against_pandas(rows, ticks, daemon.config_path) == len(rows) >= 10
+    slow = [r for r in sub.records if r["signal"] == "slow"]
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for record in slow:
+        per_key[record["k"]].append(record["pub_ns"])
+    for stamps in per_key.values():
+        assert all(b - a >= 300_000_000 for a, b in itertools.pairwise(stamps))
+        assert len(stamps) <= elapsed / 0.3 + 2
+    assert check_records_against_pandas(slow, ticks, daemon.config_path) == len(slow)
+
+
+def test_javascript_style_ints_and_big_times_are_exact(tmp_path: Path) -> None:
+    """Integer prices and quantities are accepted; int keys and int64 times come back exactly."""
+    base = 2**62 + 12345  # not representable in float64
+    ticks = [{"k": 2**53 + 1, "t": base + i, "p": 100 + i % 3, "q": i % 2} for i in range(20)]
+    with running_daemon(tmp_path, workers=2, extra_toml=SIGNALS) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        feed(daemon.ingest, [msgpack.packb(ticks)])
+        sub.collect(lambda: len({r["signal"] for r in sub.records if r["t"] == base + 19}) == 3)
+        sub.close()
+    records = [r for r in sub.records if r["t"] == base + 19]
+    assert {r["k"] for r in records} == {2**53 + 1}
+    assert {r["signal"] for r in records} == {"tw", "cw", "ew"}
+    cw = next(r for r in records if r["signal"] == "cw")
+    np.testing.assert_allclose(cw["mean"], np.mean([100 + i % 3 for i in range(13, 20)]), rtol=1e-12)
+
+
+def test_replay_and_tail_commands(tmp_path: Path) -> None:
+    """streamd replay publishes a CSV; streamd tail prints the matching signals as JSON lines."""
+    csv_path = tmp_path / "ticks.csv"
+    ticks = make_ticks(300, keys=3, seed=8)
+    csv_path.write_text("k,t,p,q\n" + "".join(f"{x['k']},{x['t']},{x['p']!r},{x['q']}\n" for x in ticks))
+    with running_daemon(tmp_path, workers=1, extra_toml=SIGNALS) as daemon:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "streamd", "tail", "--endpoint", daemon.publish, "--signal", "cw", "--key", "K1"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.0)
+            replay = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "streamd",
+                    "replay",
+                    str(csv_path),
+                    "--endpoint",
+                    daemon.ingest,
+                    "--batch",
+                    "50",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert replay.returncode == 0, replay.stderr
+            assert "300/300" in replay.stderr
+            daemon.wait_idle()
+        finally:
+            tail.send_signal(signal.SIGINT)
+            out, _ = tail.communicate(timeout=10)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines and {(r["signal"], r["k"]) for r in lines} == {("cw", "K1")}
+    assert check_records_against_pandas(lines, ticks, daemon.config_path) == len(lines)
