@@ -31,6 +31,7 @@ from streamd.sharding import shard_for
 from streamd.transport import WorkerBatch, encode_batch, encode_end_of_input, encode_reconfigure
 
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
+_DRAIN_BYTES = 4 << 20  # payload bytes per wake-up: bounds decode chunks when messages are big batches
 
 
 @dataclass
@@ -133,21 +134,26 @@ class Ingest:
     def _drain(self) -> None:
         """Receive everything the input sockets hold (bounded per wake-up), then route it."""
         payloads: list[bytes] = []
+        size = 0
         exhausted = True
         for sock in self.inputs:
             for _ in range(_DRAIN_LIMIT):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    payload = sock.recv_multipart(zmq.NOBLOCK)[-1]
                 except zmq.Again:
                     break
-                payloads.append(frames[-1])
+                payloads.append(payload)
+                size += len(payload)
+                if size >= _DRAIN_BYTES:
+                    exhausted = False
+                    break
             else:
                 exhausted = False
         if not payloads:
             return
         if not self.oldest_recv_ns:
             self.oldest_recv_ns = time.time_ns()
-        self._account(len(payloads), sum(map(len, payloads)), decode_payloads(payloads))
+        self._account(len(payloads), size, decode_payloads(payloads))
         if not exhausted:
             self.loop.call_soon(self._drain)
         self._maybe_flush()
@@ -213,19 +219,30 @@ class Ingest:
                 self._send(worker, outbox, recv_ns)
 
     def _send(self, worker: int, outbox: Outbox, recv_ns: int) -> None:
+        """Send the outbox in batches of at most ``max_batch_size`` ticks."""
         columns = [np.concatenate(c) if len(outbox.parts) > 1 else c[0] for c in zip(*outbox.parts, strict=True)]
-        batch = WorkerBatch(*columns, new_keys=outbox.new_keys, recv_ns=recv_ns, seq_start=self.sent[worker])
-        try:
-            self.outputs[worker].send_multipart(encode_batch(batch), zmq.NOBLOCK, copy=len(batch.t) < 1024)
-        except zmq.Again:
-            self.metrics.ticks_dropped.labels("overflow").inc(outbox.ticks)
-            self.limited.warning("overflow", "worker queue full, batch dropped", worker=worker, ticks=outbox.ticks)
-            outbox.parts, outbox.ticks = [], 0
-            return
-        self.sent[worker] += outbox.ticks
-        self.metrics.batch_size.observe(outbox.ticks)
-        self.metrics.batches_sent.labels(str(worker)).inc()
         self.outboxes[worker] = Outbox()
+        size = self.config.latency.max_batch_size
+        new_keys = outbox.new_keys
+        for start in range(0, outbox.ticks, size):
+            chunk = [column[start : start + size] for column in columns]
+            if self._send_batch(worker, WorkerBatch(*chunk, new_keys, recv_ns, self.sent[worker])):
+                new_keys = []
+
+    def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
+        """Queue one batch for a worker; on a full queue drop it (counted) and keep its key announcements."""
+        ticks = len(batch.t)
+        try:
+            self.outputs[worker].send_multipart(encode_batch(batch), zmq.NOBLOCK, copy=ticks < 1024)
+        except zmq.Again:
+            self.metrics.ticks_dropped.labels("overflow").inc(ticks)
+            self.limited.warning("overflow", "worker queue full, batch dropped", worker=worker, ticks=ticks)
+            self.outboxes[worker].new_keys.extend(batch.new_keys)
+            return False
+        self.sent[worker] += ticks
+        self.metrics.batch_size.observe(ticks)
+        self.metrics.batches_sent.labels(str(worker)).inc()
+        return True
 
     # control --------------------------------------------------------------------------
     def _on_control(self) -> None:
