@@ -21,7 +21,23 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
@@ -92,7 +108,11 @@ class WorkerMetrics:
             "streamd_worker_batches_total", "Batches processed.", ["worker"], registry=registry
         ).labels(label)
         self.keys = Gauge(
-            "streamd_worker_keys", "Keys held in window state.", ["worker"], multiprocess_mode="livesum", registry=registry
+            "streamd_worker_keys",
+            "Keys held in window state.",
+            ["worker"],
+            multiprocess_mode="livesum",
+            registry=registry,
         ).labels(label)
         self.state_bytes = Gauge(
             "streamd_worker_state_bytes",

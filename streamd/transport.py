@@ -92,7 +92,9 @@ def decode(frames: list[Any]) -> Message:
     if "signals" in header:
         return Reconfigure(tuple(_spec_from_list(item) for item in header["signals"]))
     n = header["n"]
-    columns = [np.frombuffer(frame, dtype) for frame, dtype in zip(frames[1:], (_SLOT, _TIME, _FLOAT, _FLOAT), strict=True)]
+    columns = [
+        np.frombuffer(frame, dtype) for frame, dtype in zip(frames[1:], (_SLOT, _TIME, _FLOAT, _FLOAT), strict=True)
+    ]
     if any(len(column) != n for column in columns):
         msg = f"worker batch header says {n} ticks, columns disagree"
         raise ValueError(msg)

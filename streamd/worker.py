@@ -239,6 +239,8 @@ class Worker:
         metrics.busy.inc(time.perf_counter() - started)
 
     def _reconfigure(self, signals: tuple[SignalSpec, ...]) -> None:
+        for publisher in self.publishers:
+            publisher.flush_due(self.keys, everything=True)
         self.engine.reconfigure(signals)
         self.config = Config(**{**self.config.__dict__, "signals": signals})
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in signals]
