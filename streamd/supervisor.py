@@ -105,7 +105,7 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.log = setup_logging(config.log, "supervisor")
-        self.notifier = Notifier()
+        self.notifier = Notifier(unset_environment=True)
         self.mp = multiprocessing.get_context("spawn")
         self.n_workers = config.workers.resolved_count()
         self.sent = self.mp.Array("q", self.n_workers, lock=False)
