@@ -20,7 +20,8 @@ test: $(VENV)/.installed system-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check streamd tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check streamd tests
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed

@@ -209,8 +209,7 @@ def _reject_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str) ->
 
 
 def _table(raw: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str, Any]:
-    table = raw.get(name, {})
-    _expect(table, dict, name, "a table")
+    table: Mapping[str, Any] = _expect(raw.get(name, {}), dict, name, "a table")
     _reject_unknown(table, allowed, name)
     return table
 

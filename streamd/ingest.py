@@ -96,7 +96,7 @@ class Ingest:
         self.outputs = [self._open_output(i) for i in range(self.workers)]
         self.loop = asyncio.get_running_loop()
         for sock in self.inputs:
-            self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+            self.loop.add_reader(sock.fileno(), self._drain)
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         self.loop.call_soon(self._drain)
         self.conn.send(("ready", "ingest"))
@@ -119,7 +119,7 @@ class Ingest:
                 sock.connect(endpoint)
         except zmq.ZMQError as exc:
             verb = "bind" if ingest.mode == "pull" else "connect to"
-            msg = f"ingest.endpoints: cannot {verb} {endpoint}: {zmq.strerror(exc.errno)}"
+            msg = f"ingest.endpoints: cannot {verb} {endpoint}: {zmq.strerror(exc.errno or 0)}"
             raise StartupError(msg) from None
         return sock
 
@@ -226,7 +226,8 @@ class Ingest:
         new_keys = outbox.new_keys
         for start in range(0, outbox.ticks, size):
             chunk = [column[start : start + size] for column in columns]
-            if self._send_batch(worker, WorkerBatch(*chunk, new_keys, recv_ns, self.sent[worker])):
+            slots, t, p, q = chunk
+            if self._send_batch(worker, WorkerBatch(slots, t, p, q, new_keys, recv_ns, self.sent[worker])):
                 new_keys = []
 
     def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
@@ -283,7 +284,7 @@ class Ingest:
 
     def _stop_intake(self) -> None:
         for sock in self.inputs:
-            self.loop.remove_reader(sock.getsockopt(zmq.FD))
+            self.loop.remove_reader(sock.fileno())
         self._drain_once_more()
         self.flush()
         for sock in self.outputs:

@@ -210,6 +210,6 @@ class SupervisorCollector(Collector):
 def serving_registry(multiproc_dir: str, view: SupervisorView) -> CollectorRegistry:
     """The registry behind /metrics: every child's mmap files plus the supervisor's view."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=multiproc_dir)
+    MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     registry.register(SupervisorCollector(view))
     return registry

@@ -24,10 +24,16 @@ def topic_for(signal: str, key: str | int) -> bytes:
 def stat_values(name: str, column: np.ndarray) -> list[Any]:
     """A stat column as Python values with NaN turned into None (msgpack nil)."""
     if name == "count":
-        return column.astype(np.int64).tolist()
-    if not np.isnan(column).any():
-        return column.tolist()
-    return np.where(np.isnan(column), None, column).tolist()
+        counts: list[Any] = column.astype(np.int64).tolist()
+        return counts
+    undefined = np.isnan(column)
+    if not undefined.any():
+        values: list[Any] = column.tolist()
+        return values
+    boxed = column.astype(object)
+    boxed[undefined] = None
+    with_nil: list[Any] = boxed.tolist()
+    return with_nil
 
 
 def encode_records(
@@ -63,4 +69,5 @@ def encode_batch_record(
 
 def decode_record(frames: Sequence[bytes]) -> dict[str, Any]:
     """Decode either kind of output message (for ``streamd tail`` and tests)."""
-    return msgpack.unpackb(frames[-1], strict_map_key=False)
+    record: dict[str, Any] = msgpack.unpackb(frames[-1], strict_map_key=False)
+    return record

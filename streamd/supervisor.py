@@ -69,7 +69,7 @@ class Forwarder:
             self.xpub.bind(outside)
         except zmq.ZMQError as exc:
             self.close_sockets()
-            msg = f"publish.endpoint: cannot bind {outside}: {zmq.strerror(exc.errno)}"
+            msg = f"publish.endpoint: cannot bind {outside}: {zmq.strerror(exc.errno or 0)}"
             raise StartupError(msg) from None
         self.xsub.bind(inside)
         self._control = ctx.socket(zmq.PAIR)
@@ -237,9 +237,10 @@ class Supervisor:
                 last_status = now
 
     def _poll_children(self, timeout: float, starting: bool = False) -> None:
-        conns = [c.conn for c in self.children.values() if not c.conn.closed]
-        for conn in wait(conns, timeout=timeout):
-            child = next(c for c in self.children.values() if c.conn is conn)
+        by_conn = {c.conn: c for c in self.children.values() if not c.conn.closed}
+        for ready in wait(list(by_conn), timeout=timeout):
+            child = by_conn[ready]  # type: ignore[index]
+            conn = child.conn
             try:
                 message = conn.recv()
             except (EOFError, OSError):
@@ -269,7 +270,7 @@ class Supervisor:
     def _replace_worker(self, child: Child) -> None:
         index = child.index
         exitcode = child.process.exitcode
-        mark_process_dead(child.process.pid, self.paths.metrics_dir)
+        mark_process_dead(child.process.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
         child.conn.close()
         self.restarts[str(index)] += 1
         self.log.error(

@@ -208,9 +208,7 @@ class _RingWindowState:
             base["t"] = np.dtype(np.int64)
         self.pool = _TickPool(base)
         self.live = 0  # ticks inside all windows, as of each key's latest update
-        self.keys: dict[str, NDArray[Any]] = {
-            name: np.zeros(0, dtype) for name, (dtype, _) in self._KEY_FIELDS.items()
-        }
+        self.keys: dict[str, NDArray[Any]] = {name: np.zeros(0, dtype) for name, (dtype, _) in self._KEY_FIELDS.items()}
         self.require(spec)
 
     @property

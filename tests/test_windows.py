@@ -81,9 +81,7 @@ class AcceptedTicks:
         return np.array(t, np.int64), np.array(p), np.array(q)
 
 
-def check_results(
-    specs: list[SignalSpec], results: list[SignalResult], book: AcceptedTicks, touched: set[int]
-) -> None:
+def check_results(specs: list[SignalSpec], results: list[SignalResult], book: AcceptedTicks, touched: set[int]) -> None:
     for spec, result in zip(specs, results, strict=True):
         assert result.slots.tolist() == sorted(touched)
         for row, key in enumerate(result.slots.tolist()):
