@@ -99,11 +99,11 @@ class Ingest:
             self.loop.add_reader(sock.fileno(), self._drain)
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         self.loop.call_soon(self._drain)
-        self.conn.send(("ready", "ingest"))
         self.log.info(
             "ingest started",
             extra={"mode": self.config.ingest.mode, "endpoints": ",".join(self.config.ingest.endpoints)},
         )
+        self.conn.send(("ready", "ingest"))
 
     def _open_input(self, endpoint: str) -> zmq.Socket[Any]:
         ingest = self.config.ingest

@@ -149,8 +149,8 @@ class Worker:
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]
-        self.conn.send(("ready", self.index))
         self.log.info("worker started", extra={"worker": self.index, "signals": len(self.config.signals)})
+        self.conn.send(("ready", self.index))
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
