@@ -152,3 +152,12 @@ def test_bad_endpoint_is_rejected_at_load(tmp_path: Path) -> None:
     result = _run_cli("run", "--config", str(config))
     assert result.returncode == 2
     assert "publish.endpoint: bad endpoint" in result.stderr
+
+
+def test_demo_prints_live_signals_and_stops_cleanly() -> None:
+    """The Quick start demo runs on the built-in config, prints signals, and exits 0."""
+    result = _run_cli("demo", "--duration", "4", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "px1s: count=" in result.stdout and "ewma1s: ewma=" in result.stdout
+    assert "metrics at http://127.0.0.1:9108/metrics" in result.stdout
+    assert "Traceback" not in result.stderr
