@@ -18,14 +18,18 @@ Design, per time/count signal:
   passes ``split`` the key flips: its whole window becomes the new front, and its sums are
   recomputed exactly from the ring with a fresh centre, so running-sum drift never outlives about
   two windows. Each tick takes part in at most one flip.
-* The time-window start is found by a vectorised galloping search from the old head, so the cost
+* The time-window start is found by comparing the first few ticks of every key at once, then, for
+  keys evicting more, one round of galloping probes and a few rounds of 16-way probes, so the cost
   depends on the number of evicted ticks, not on the window length.
+* Per-batch cost is dominated by the number of NumPy calls, not by the ticks: per-key state is two
+  tables read and written once per batch, sums and extremes are only kept for requested stats, and
+  common cases (one tick per key, nothing evicted, no flip) skip whole steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,11 +73,39 @@ class _Batch(NamedTuple):
     keys: I64
     starts: I64
     counts: I64
+    last: I64  # index of each key's newest tick
+    tick_key: I64  # position in ``keys`` of each tick's key
     within: I64  # index of each tick inside its key group
     t: I64
     p: F64
     q: F64
+    t_first: I64  # oldest accepted time per key
     t_last: I64  # newest accepted time per key
+    single: bool  # every key has exactly one tick
+    max_count: int
+
+
+def _batch(keys: I64, starts: I64, t: I64, p: F64, q: F64, t_last: I64) -> _Batch:
+    """Group bookkeeping for ticks already sorted by key (``starts`` = first tick of each key)."""
+    n, k = t.size, keys.size
+    bounds = np.empty(k + 1, np.int64)
+    bounds[:k] = starts
+    bounds[k] = n
+    counts = bounds[1:] - bounds[:-1]
+    if n == k:
+        tick_key, within = np.arange(k, dtype=np.int64), np.zeros(n, np.int64)
+    else:
+        tick_key = np.arange(k, dtype=np.int64).repeat(counts)
+        within = np.arange(n, dtype=np.int64) - starts[tick_key]
+    max_count = int(np.maximum.reduce(counts))
+    return _Batch(keys, starts, counts, bounds[1:] - 1, tick_key, within, t, p, q, t[starts], t_last, n == k, max_count)
+
+
+def _restrict(batch: _Batch, keep: NDArray[np.bool_]) -> _Batch:
+    """The batch without the ticks not in ``keep`` (every key keeps at least its newest tick)."""
+    kept = np.add.reduceat(keep, batch.starts, dtype=np.int64)
+    starts = kept.cumsum() - kept
+    return _batch(batch.keys, starts, batch.t[keep], batch.p[keep], batch.q[keep], batch.t_last)
 
 
 def _next_pow2(values: I64) -> I64:
@@ -82,43 +114,56 @@ def _next_pow2(values: I64) -> I64:
     return np.left_shift(np.int64(1), exponent)
 
 
-def _expand(lengths: I64) -> tuple[I64, I64]:
-    """Index expansion of segments: (segment id, position inside the segment) for every element."""
-    total = int(lengths.sum())
-    segment = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
-    starts = np.cumsum(lengths) - lengths
-    return segment, np.arange(total, dtype=np.int64) - starts[segment]
+def _ring_positions(off: I64, mask: I64, lo: I64, lengths: I64) -> tuple[I64, I64 | None, I64 | None]:
+    """Pool positions of sequence numbers ``[lo, lo + length)`` of each ring (all lengths >= 1).
+
+    Returns the positions ring after ring, each ring's first index among them and each position's
+    ring; the last two are None when every length is 1 (positions then match rings one to one).
+    """
+    k = lengths.size
+    total = int(np.add.reduce(lengths))
+    if total == k:
+        return off + (lo & mask), None, None
+    ring = np.arange(k, dtype=np.int64).repeat(lengths)
+    starts = lengths.cumsum() - lengths
+    sequence = np.arange(total, dtype=np.int64) + (lo - starts)[ring]
+    return off[ring] + (sequence & mask[ring]), starts, ring
 
 
 def _suffix_extremes(values: F64, lengths: I64) -> tuple[F64, F64]:
-    """Suffix min and max of each segment of ``values`` (concatenated segments, spare last slot).
+    """Suffix min and max of each segment of ``values`` (concatenated segments, lengths >= 1).
 
-    Segments are padded to the next power of two, one size class at a time, and scanned backwards
-    as 2-D blocks; padding sits after each segment's data in scan order, so its value is irrelevant
-    and it is written to the spare slot.
+    Segments are padded to the next power of two, one size class at a time (only the classes
+    present), and scanned backwards as 2-D blocks; padding sits after each segment's data in scan
+    order, so its value is irrelevant and it is written to a spare slot.
     """
-    total = values.size - 1
-    low, high = np.empty_like(values), np.empty_like(values)
-    ends = np.cumsum(lengths)
-    size_class = np.ceil(np.log2(lengths.astype(np.float64))).astype(np.int64)
-    for cls in range(int(size_class.max()) + 1):
-        chosen = np.flatnonzero(size_class == cls)
-        if chosen.size == 0:
-            continue
+    total = values.size
+    padded = np.empty(total + 1)
+    padded[:total] = values
+    low, high = np.empty_like(padded), np.empty_like(padded)
+    ends = lengths.cumsum()
+    size_class = np.frexp((lengths - 1).astype(np.float64))[1]
+    for cls in np.bincount(size_class).nonzero()[0].tolist():
+        chosen = (size_class == cls).nonzero()[0]
         if cls == 0:
             index = ends[chosen] - 1
-            low[index] = high[index] = values[index]
+            low[index] = high[index] = padded[index]
             continue
         step = np.arange(1 << cls, dtype=np.int64)[:, None]
         index = np.where(step < lengths[chosen], ends[chosen] - 1 - step, total)
-        block = values[index]
+        block = padded[index]
         low[index] = np.minimum.accumulate(block, axis=0)
         high[index] = np.maximum.accumulate(block, axis=0)
     return low[:total], high[:total]
 
 
-def _sum_terms(names: Sequence[str], x: F64, q: F64) -> F64:
-    """Per-tick terms of the running sums ``names``, one row each."""
+def _segment_sums(names: Sequence[str], p: F64, q: F64, centre: F64, starts: I64 | None) -> F64:
+    """Per segment (rows), the sums ``names`` (columns) of its ticks centred on ``centre`` (per tick).
+
+    ``starts`` None means one tick per segment. Terms are laid out one sum per row so that the
+    segmented reduction runs along contiguous memory.
+    """
+    x = p - centre
     terms = np.empty((len(names), x.size))
     for row, name in enumerate(names):
         if name == "sx":
@@ -129,13 +174,22 @@ def _sum_terms(names: Sequence[str], x: F64, q: F64) -> F64:
             terms[row] = q
         else:
             np.multiply(x, q, out=terms[row])
-    return terms
+    return (terms if starts is None else np.add.reduceat(terms, starts, axis=1)).T
 
 
-def _segment_sums(names: Sequence[str], p: F64, q: F64, centre: F64, lengths: I64) -> F64:
-    """Per segment (all lengths >= 1), the sums ``names`` of its ticks centred on its ``centre``."""
-    x = p - np.repeat(centre, lengths)
-    return np.add.reduceat(_sum_terms(names, x, q), np.cumsum(lengths) - lengths, axis=1)
+def _grow_rows(table: NDArray[Any], rows: int, fill: NDArray[Any]) -> NDArray[Any]:
+    """Return ``table`` with at least ``rows`` rows (geometric growth), new rows = ``fill``."""
+    if table.shape[0] >= rows:
+        return table
+    bigger = np.empty((max(rows, table.shape[0] + table.shape[0] // 2, 16), table.shape[1]), table.dtype)
+    bigger[: table.shape[0]] = table
+    bigger[table.shape[0] :] = fill
+    return bigger
+
+
+def _rows(table: NDArray[Any]) -> NDArray[Any]:
+    """A C-contiguous 2-D table seen as one opaque item per row (fast row scatter)."""
+    return table.view(np.dtype((np.void, table.shape[1] * table.itemsize))).reshape(-1)
 
 
 def _grow(array: NDArray[Any], size: int, fill: object) -> NDArray[Any]:
@@ -164,8 +218,8 @@ class _TickPool:
 
     def allocate(self, caps: I64) -> I64:
         """Reserve one block per cap; return the offsets."""
-        offsets = self.used + np.cumsum(caps) - caps
-        self.used += int(caps.sum())
+        offsets = self.used + caps.cumsum() - caps
+        self.used += int(np.add.reduce(caps))
         if self.used > self.size:
             new_size = max(self.used, 2 * self.size, 64)
             for name, column in self.columns.items():
@@ -181,258 +235,263 @@ class _TickPool:
         return sum(column.nbytes for column in self.columns.values())
 
 
-class _RingWindowState:
-    """Mutable state of one time or count signal for all keys."""
+# Columns of the per-key tables of a ring state: integers, then floats (running sums last, in the
+# order of ``_RingWindowState.sums``).
+_OFF, _CAP, _HEAD, _SPLIT, _END = range(5)
+_CENTRE, _BACK_MIN, _BACK_MAX, _SUMS = 0, 1, 2, 3
+_INT_FILL = np.zeros(5, np.int64)
+_FLOAT_FILL = np.array([0.0, np.inf, -np.inf, 0.0, 0.0, 0.0, 0.0])
+# Ticks of each key's window head compared at once before falling back to a galloping search.
+_PROBE = np.arange(4, dtype=np.int64)
+_SPREAD = np.arange(16, dtype=np.int64)
+_MIN_CAP = 8
 
-    _KEY_FIELDS: ClassVar[dict[str, tuple[type, object]]] = {
-        "off": (np.int64, 0),
-        "cap": (np.int64, 0),
-        "head": (np.int64, 0),
-        "split": (np.int64, 0),
-        "end": (np.int64, 0),
-        "centre": (np.float64, 0.0),
-        "sum_sx": (np.float64, 0.0),
-        "sum_sxx": (np.float64, 0.0),
-        "sum_sq": (np.float64, 0.0),
-        "sum_sxq": (np.float64, 0.0),
-        "back_min": (np.float64, np.inf),
-        "back_max": (np.float64, -np.inf),
-    }
+
+class _RingWindowState:
+    """Mutable state of one time or count signal for all keys.
+
+    Per key, one row of ``ints`` (ring offset and capacity, head, split, end) and one row of
+    ``floats`` (centre, back extremes, running sums): a batch reads and writes each table once.
+    """
 
     def __init__(self, spec: SignalSpec) -> None:
         self.is_time = spec.window == "time"
         self.size = spec.size
         self.needs: set[str] = set()
+        self.sums: tuple[str, ...] = ()
         base: dict[str, np.dtype[Any]] = {"p": np.dtype(np.float64), "q": np.dtype(np.float64)}
         if self.is_time:
             base["t"] = np.dtype(np.int64)
         self.pool = _TickPool(base)
         self.live = 0  # ticks inside all windows, as of each key's latest update
-        self.keys: dict[str, NDArray[Any]] = {name: np.zeros(0, dtype) for name, (dtype, _) in self._KEY_FIELDS.items()}
+        self.ints = np.zeros((0, _INT_FILL.size), np.int64)
+        self.floats = np.zeros((0, _FLOAT_FILL.size), np.float64)
         self.require(spec)
 
-    @property
-    def sums(self) -> tuple[str, ...]:
-        return tuple(name for name in _SUM_NAMES if name in self.needs)
-
     def require(self, spec: SignalSpec) -> None:
-        """Make sure the state for ``spec.stats`` is kept; anything new forces every key to flip."""
+        """Make sure the state for ``spec.stats`` is kept; anything new forces every key to flip.
+
+        A flip recomputes every sum, so the sum columns can be laid out afresh.
+        """
         missing = _needs(spec) - self.needs
         if not missing:
             return
         self.needs |= missing
+        self.sums = tuple(name for name in _SUM_NAMES if name in self.needs)
         if "extremes" in missing:
             self.pool.add_column("front_min", np.dtype(np.float64))
             self.pool.add_column("front_max", np.dtype(np.float64))
-        self.keys["split"][:] = -1
+        self.ints[:, _SPLIT] = -1
 
     def nbytes(self) -> int:
-        return self.pool.nbytes() + sum(array.nbytes for array in self.keys.values())
+        return self.pool.nbytes() + self.ints.nbytes + self.floats.nbytes
 
-    def _ensure_keys(self, n: int) -> None:
-        for name, (_, fill) in self._KEY_FIELDS.items():
-            self.keys[name] = _grow(self.keys[name], n, fill)
-
-    def update(self, batch: _Batch) -> dict[str, F64]:  # noqa: PLR0915 - one pass, kept in order
-        """Append the batch, slide each touched key's window to its newest tick, return raw stats."""
+    def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
+        """Append the batch, slide each touched key's window to its newest tick, return ``wanted``."""
         keys = batch.keys
-        self._ensure_keys(int(keys[-1]) + 1)
-        state = self.keys
-        head, split, end = state["head"][keys], state["split"][keys], state["end"][keys]
-        counts, starts, within = batch.counts, batch.starts, batch.within
-        t, p, q = batch.t, batch.p, batch.q
+        self.ints = _grow_rows(self.ints, int(keys[-1]) + 1, _INT_FILL)
+        self.floats = _grow_rows(self.floats, int(keys[-1]) + 1, _FLOAT_FILL)
+        # Local copies, written back at the end (take and row views: 2-D fancy indexing is slow).
+        ints, floats = self.ints.take(keys, axis=0), self.floats.take(keys, axis=0)
+        off, cap, head, split, end = ints.T  # views: relocation updates off and cap in place
+        last = batch.p[batch.last]
 
         # Ticks of this batch that are already out of the window at the key's newest tick are
         # never stored; if any were, every older stored tick is out as well.
         if self.is_time:
             threshold = batch.t_last - self.size
-            keep = t > np.repeat(threshold, counts)
-        else:
-            keep = within >= np.repeat(counts - self.size, counts)
-        batch_evicted = np.zeros(keys.size, bool)
-        if not keep.all():
-            kept = np.add.reduceat(keep, starts, dtype=np.int64)
-            batch_evicted = kept < counts
-            counts = kept
-            starts = np.cumsum(counts) - counts
-            t, p, q = t[keep], p[keep], q[keep]
-            within = np.arange(t.size, dtype=np.int64) - np.repeat(starts, counts)
-        new_end = end + counts
-
+            if not (batch.t_first > threshold).all():
+                batch = _restrict(batch, batch.t > threshold[batch.tick_key])
+        elif batch.max_count > self.size:
+            batch = _restrict(batch, batch.within >= (batch.counts - self.size)[batch.tick_key])
+        new_end = end + batch.counts
+        mask = cap - 1
         if self.is_time:
-            new_head = head.copy()
-            new_head[batch_evicted] = end[batch_evicted]
-            search = np.flatnonzero(~batch_evicted & (end > head))
-            if search.size:
-                new_head[search] = self._first_after(keys[search], head[search], end[search], threshold[search])
+            new_head = self._time_heads(off, mask, head, end, threshold)
         else:
             new_head = np.maximum(head, new_end - self.size)
 
         flip = new_head >= split
-        steady = np.flatnonzero(~flip)
-        if steady.size and self.sums:
-            self._evict(keys[steady], head[steady], new_head[steady])
+        any_flip = bool(flip.any())
+        if self.sums:
+            leaving = new_head > head
+            if any_flip:
+                leaving &= ~flip
+            self._evict(floats, leaving.nonzero()[0], off, mask, head, new_head)
 
-        cap = state["cap"][keys]
-        grow = np.flatnonzero(new_end - new_head > cap)
+        grow = (new_end - new_head > cap).nonzero()[0]
         if grow.size:
-            self._relocate(keys[grow], new_head[grow], end[grow], _next_pow2(new_end[grow] - new_head[grow]))
-            cap = state["cap"][keys]
-        off = state["off"][keys]
-        mask = cap - 1
+            # Headroom of 2x-4x the window (at least _MIN_CAP ticks) so that growing windows
+            # relocate rarely.
+            new_cap = _next_pow2(np.maximum(2 * (new_end - new_head)[grow], _MIN_CAP))
+            off[grow] = self._relocate(off[grow], mask[grow], new_head[grow], end[grow], new_cap)
+            cap[grow] = new_cap
+            mask = cap - 1
 
         columns = self.pool.columns
-        position = np.repeat(off, counts) + ((np.repeat(end, counts) + within) & np.repeat(mask, counts))
-        columns["p"][position] = p
-        columns["q"][position] = q
+        if batch.single:
+            position = off + (end & mask)
+        else:
+            tick_key = batch.tick_key
+            position = off[tick_key] + ((end[tick_key] + batch.within) & mask[tick_key])
+        columns["p"][position] = batch.p
+        columns["q"][position] = batch.q
         if self.is_time:
-            columns["t"][position] = t
+            columns["t"][position] = batch.t
 
-        if steady.size:
-            self._append(keys[steady], starts[steady], counts[steady], p, q)
-        flipping = np.flatnonzero(flip)
-        if flipping.size:
-            self._flip(keys[flipping], new_head[flipping], new_end[flipping], off[flipping], mask[flipping])
+        # New ticks join the back of every key; flipping keys are then rebuilt from scratch.
+        if self.sums:
+            centre = floats[:, _CENTRE] if batch.single else floats[:, _CENTRE][batch.tick_key]
+            starts = None if batch.single else batch.starts
+            floats[:, _SUMS : _SUMS + len(self.sums)] += _segment_sums(self.sums, batch.p, batch.q, centre, starts)
+        if "extremes" in self.needs:
+            if batch.single:
+                low = high = batch.p
+            else:
+                low, high = np.minimum.reduceat(batch.p, batch.starts), np.maximum.reduceat(batch.p, batch.starts)
+            np.minimum(floats[:, _BACK_MIN], low, out=floats[:, _BACK_MIN])
+            np.maximum(floats[:, _BACK_MAX], high, out=floats[:, _BACK_MAX])
+        if any_flip:
+            flipping = flip.nonzero()[0]
+            self._flip(floats, flipping, off[flipping], mask[flipping], new_head[flipping], new_end[flipping])
+            split[flipping] = new_end[flipping]
 
-        self.live += int((new_end - new_head).sum() - (end - head).sum())
-        state["head"][keys] = new_head
-        state["end"][keys] = new_end
-        stats = self._query(keys, new_head, new_end, off + (new_head & mask), p[starts + counts - 1])
+        self.live += int(np.add.reduce(new_end - new_head) - np.add.reduce(end - head))
+        head[:] = new_head
+        end[:] = new_end
+        _rows(self.ints)[keys] = _rows(ints)
+        _rows(self.floats)[keys] = _rows(floats)
+        stats = self._query(wanted, floats, new_end - new_head, off + (new_head & mask), last)
         self._maybe_compact()
         return stats
 
-    def _first_after(self, keys: I64, lo: I64, hi: I64, threshold: I64) -> I64:
-        """Per key, the first sequence number in [lo, hi) whose time is > threshold (hi if none).
+    def _time_heads(self, off: I64, mask: I64, head: I64, end: I64, threshold: I64) -> I64:
+        """Per key, the first sequence number in [head, end) whose time is > threshold (end if none).
 
-        Galloping then binary search: iterations grow with log(evicted ticks), not window length.
+        The first few ticks of every key are compared at once (the usual case: a handful leave);
+        keys that evict more are searched further by :meth:`_first_after`.
+        """
+        if self.live == 0:
+            return head.copy()
+        times = self.pool.columns["t"]
+        length = end - head
+        # Probes past the newest tick repeat it; an empty window reads some valid slot, ignored.
+        probe = np.minimum(head[:, None] + _PROBE, (end - 1)[:, None])
+        out = np.count_nonzero(times[off[:, None] + (probe & mask[:, None])] <= threshold[:, None], axis=1)
+        new_head: I64 = head + np.minimum(out, length)
+        far = ((out == _PROBE.size) & (length > _PROBE.size)).nonzero()[0]
+        if far.size:
+            new_head[far] = self._first_after(off[far], mask[far], new_head[far], end[far], threshold[far])
+        return new_head
+
+    def _first_after(self, off: I64, mask: I64, lo: I64, hi: I64, threshold: I64) -> I64:
+        """Per ring, the first sequence number in [lo, hi) whose time is > threshold (hi if none; lo < hi).
+
+        A round of galloping probes (lo + 2^j - 1) brackets each answer within about as many ticks
+        as are evicted, then rounds of 16 evenly spread probes narrow the brackets 16-fold: the
+        cost follows log(evicted ticks), not the window length.
         """
         times = self.pool.columns["t"]
-        off, mask = self.keys["off"][keys], self.keys["cap"][keys] - 1
-        below = lo - 1  # last sequence number known to be <= threshold (virtual at start)
-        above = hi.copy()  # first sequence number known to be > threshold, or hi
-        step = np.ones(keys.size, np.int64)
-        active = np.arange(keys.size)
-        while active.size:
-            probe = below[active] + step[active]
-            beyond = probe >= hi[active]
-            probe = np.minimum(probe, hi[active] - 1)
-            later = times[off[active] + (probe & mask[active])] > threshold[active]
-            stop = beyond | later
-            above[active[later & ~beyond]] = probe[later & ~beyond]
-            go_on = active[~stop]
-            below[go_on] = probe[~stop]
-            step[go_on] *= 2
-            active = go_on
-        active = np.flatnonzero(above - below > 1)
-        while active.size:
-            middle = (below[active] + above[active]) // 2
-            later = times[off[active] + (middle & mask[active])] > threshold[active]
-            above[active[later]] = middle[later]
-            below[active[~later]] = middle[~later]
-            active = active[above[active] - below[active] > 1]
-        return above
+        below, above = lo - 1, hi.copy()  # time at below <= threshold (lo - 1 virtually), at above >
+        steps = (np.int64(1) << np.arange(int(np.maximum.reduce(hi - lo)).bit_length() + 1)) - 1
+        probes = np.minimum(lo[:, None] + steps, (hi - 1)[:, None])
+        active = np.arange(lo.size)
+        while True:
+            # Each row of probes is non-decreasing and inside (below, above).
+            mask_a = mask[active][:, None]
+            probe_times = times[off[active][:, None] + (probes & mask_a)]
+            out = np.count_nonzero(probe_times <= threshold[active][:, None], axis=1)
+            row, width = np.arange(active.size), probes.shape[1]
+            new_below = np.where(out > 0, probes[row, out - 1], below[active])
+            new_above = np.where(out < width, probes[row, np.minimum(out, width - 1)], above[active])
+            below[active], above[active] = new_below, new_above
+            still = new_above - new_below > 1
+            active = active[still]
+            if active.size == 0:
+                return above
+            base, gap = new_below[still] + 1, (new_above - new_below)[still] - 1
+            probes = base[:, None] + (gap[:, None] * _SPREAD) // _SPREAD.size
 
-    def _gather(self, keys: I64, lo: I64, hi: I64) -> tuple[I64, I64]:
-        """Pool positions of sequence numbers [lo, hi) per key (all non-empty), and the lengths."""
-        lengths = hi - lo
-        segment, inside = _expand(lengths)
-        off, mask = self.keys["off"][keys], self.keys["cap"][keys] - 1
-        return off[segment] + ((lo[segment] + inside) & mask[segment]), lengths
-
-    def _relocate(self, keys: I64, lo: I64, hi: I64, new_cap: I64) -> None:
-        """Give ``keys`` fresh blocks of ``new_cap`` and copy their live ticks [lo, hi) over."""
-        state = self.keys
+    def _relocate(self, off: I64, mask: I64, lo: I64, hi: I64, new_cap: I64) -> I64:
+        """Give rings fresh blocks of ``new_cap``, copy their live ticks [lo, hi); return the offsets."""
         new_off = self.pool.allocate(new_cap)
-        live = np.flatnonzero(hi > lo)
+        live = (hi > lo).nonzero()[0]
         if live.size:
-            source, lengths = self._gather(keys[live], lo[live], hi[live])
-            segment, inside = _expand(lengths)
-            target = new_off[live][segment] + ((lo[live][segment] + inside) & (new_cap[live] - 1)[segment])
+            lengths = (hi - lo)[live]
+            source, _, _ = _ring_positions(off[live], mask[live], lo[live], lengths)
+            target, _, _ = _ring_positions(new_off[live], new_cap[live] - 1, lo[live], lengths)
             for column in self.pool.columns.values():
                 column[target] = column[source]
-        state["off"][keys] = new_off
-        state["cap"][keys] = new_cap
+        return new_off
 
-    def _evict(self, keys: I64, lo: I64, hi: I64) -> None:
-        """Subtract ticks [lo, hi) leaving the window from the running sums of ``keys``."""
-        leaving = np.flatnonzero(hi > lo)
-        if leaving.size == 0:
+    def _evict(self, floats: F64, rows: I64, off: I64, mask: I64, lo: I64, hi: I64) -> None:
+        """Subtract ticks [lo, hi) leaving the window of ``rows`` from their running sums."""
+        if rows.size == 0:
             return
-        keys = keys[leaving]
-        position, lengths = self._gather(keys, lo[leaving], hi[leaving])
-        columns, state = self.pool.columns, self.keys
-        p, q, centre = columns["p"][position], columns["q"][position], state["centre"][keys]
-        totals = _segment_sums(self.sums, p, q, centre, lengths)
-        for row, name in enumerate(self.sums):
-            state[f"sum_{name}"][keys] -= totals[row]
+        position, starts, ring = _ring_positions(off[rows], mask[rows], lo[rows], (hi - lo)[rows])
+        columns = self.pool.columns
+        centre = floats[rows, _CENTRE] if ring is None else floats[rows, _CENTRE][ring]
+        totals = _segment_sums(self.sums, columns["p"][position], columns["q"][position], centre, starts)
+        floats[rows, _SUMS : _SUMS + len(self.sums)] -= totals
 
-    def _append(self, keys: I64, starts: I64, counts: I64, p: F64, q: F64) -> None:
-        """Fold the new ticks of keys whose front is still alive into their sums and back extremes."""
-        state = self.keys
-        segment, inside = _expand(counts)
-        ticks = starts[segment] + inside
-        tick_p = p[ticks]
-        if self.sums:
-            totals = _segment_sums(self.sums, tick_p, q[ticks], state["centre"][keys], counts)
-            for row, name in enumerate(self.sums):
-                state[f"sum_{name}"][keys] += totals[row]
-        if "extremes" in self.needs:
-            bounds = np.cumsum(counts) - counts
-            state["back_min"][keys] = np.minimum(state["back_min"][keys], np.minimum.reduceat(tick_p, bounds))
-            state["back_max"][keys] = np.maximum(state["back_max"][keys], np.maximum.reduceat(tick_p, bounds))
-
-    def _flip(self, keys: I64, lo: I64, hi: I64, off: I64, mask: I64) -> None:
-        """Rebuild ``keys`` from their whole window [lo, hi): fresh centre, exact sums, new front."""
-        state, columns = self.keys, self.pool.columns
+    def _flip(self, floats: F64, rows: I64, off: I64, mask: I64, lo: I64, hi: I64) -> None:
+        """Rebuild ``rows`` from their whole window [lo, hi): fresh centre, exact sums, new front."""
+        columns = self.pool.columns
         lengths = hi - lo
-        segment, inside = _expand(lengths)
-        position = off[segment] + ((lo[segment] + inside) & mask[segment])
-        tick_p = np.empty(position.size + 1)
-        tick_p[:-1] = columns["p"][position]
-        centre = tick_p[np.cumsum(lengths) - 1]
+        position, starts, ring = _ring_positions(off, mask, lo, lengths)
+        tick_p = columns["p"][position]
+        centre = tick_p if starts is None else tick_p[starts + lengths - 1]
+        floats[rows, _CENTRE] = centre
         if self.sums:
-            totals = _segment_sums(self.sums, tick_p[:-1], columns["q"][position], centre, lengths)
-            for row, name in enumerate(self.sums):
-                state[f"sum_{name}"][keys] = totals[row]
+            centre_per_tick = centre if ring is None else centre[ring]
+            totals = _segment_sums(self.sums, tick_p, columns["q"][position], centre_per_tick, starts)
+            floats[rows, _SUMS : _SUMS + len(self.sums)] = totals
         if "extremes" in self.needs:
-            columns["front_min"][position], columns["front_max"][position] = _suffix_extremes(tick_p, lengths)
-            state["back_min"][keys] = np.inf
-            state["back_max"][keys] = -np.inf
-        state["centre"][keys] = centre
-        state["split"][keys] = hi
+            if starts is None:
+                columns["front_min"][position] = columns["front_max"][position] = tick_p
+            else:
+                columns["front_min"][position], columns["front_max"][position] = _suffix_extremes(tick_p, lengths)
+            floats[rows, _BACK_MIN] = np.inf
+            floats[rows, _BACK_MAX] = -np.inf
 
-    def _query(self, keys: I64, head: I64, end: I64, head_position: I64, last: F64) -> dict[str, F64]:
-        """Every stat this state can answer, for each key's window [head, end)."""
-        state, columns = self.keys, self.pool.columns
-        n = (end - head).astype(np.float64)
-        centre = state["centre"][keys]
-        out: dict[str, F64] = {
-            "count": n,
-            "first": columns["p"][head_position].astype(np.float64),
-            "last": last,
-        }
-        total = {name: state[f"sum_{name}"][keys] for name in self.sums}
+    def _query(self, wanted: Sequence[str], floats: F64, count: I64, head_position: I64, last: F64) -> dict[str, F64]:
+        """The ``wanted`` stats of each key's window, given its rows, length, head and newest price."""
+        columns = self.pool.columns
+        n = count.astype(np.float64)
+        centre = floats[:, _CENTRE]
+        total = {name: floats[:, _SUMS + column] for column, name in enumerate(self.sums)}
+        out: dict[str, F64] = {}
         with np.errstate(divide="ignore", invalid="ignore"):
-            if "sx" in total:
-                out["sum"] = n * centre + total["sx"]
-                out["mean"] = centre + total["sx"] / n
-            if "sxx" in total:
-                var = np.maximum(total["sxx"] - total["sx"] * total["sx"] / n, 0.0) / (n - 1.0)
-                var[n < 2] = np.nan
-                std = np.sqrt(var)
-                out["var"], out["std"] = var, std
-                zscore = ((last - centre) - total["sx"] / n) / std
-                zscore[~(std > 0)] = np.nan
-                out["zscore"] = zscore
-            if "sq" in total:
-                out["volume"] = total["sq"]
-            if "sxq" in total:
-                vwap = centre + total["sxq"] / total["sq"]
-                vwap[total["sq"] == 0] = np.nan
-                out["vwap"] = vwap
-        if "extremes" in self.needs:
-            out["min"] = np.minimum(columns["front_min"][head_position], state["back_min"][keys]).astype(np.float64)
-            out["max"] = np.maximum(columns["front_max"][head_position], state["back_max"][keys]).astype(np.float64)
+            for stat in wanted:
+                if stat in out:
+                    continue
+                if stat == "count":
+                    out[stat] = n
+                elif stat == "first":
+                    out[stat] = columns["p"][head_position]
+                elif stat == "last":
+                    out[stat] = last
+                elif stat == "sum":
+                    out[stat] = n * centre + total["sx"]
+                elif stat == "mean":
+                    out[stat] = centre + total["sx"] / n
+                elif stat in ("var", "std", "zscore"):
+                    var = np.maximum(total["sxx"] - total["sx"] * total["sx"] / n, 0.0) / (n - 1.0)
+                    var[n < 2] = np.nan
+                    std = np.sqrt(var)
+                    zscore = ((last - centre) - total["sx"] / n) / std
+                    zscore[~(std > 0)] = np.nan
+                    out.update(var=var, std=std, zscore=zscore)
+                elif stat == "volume":
+                    out[stat] = total["sq"].copy()
+                elif stat == "vwap":
+                    vwap = centre + total["sxq"] / total["sq"]
+                    vwap[total["sq"] == 0] = np.nan
+                    out[stat] = vwap
+                elif stat == "min":
+                    out[stat] = np.minimum(columns["front_min"][head_position], floats[:, _BACK_MIN])
+                else:
+                    out[stat] = np.maximum(columns["front_max"][head_position], floats[:, _BACK_MAX])
         return out
 
     def _maybe_compact(self) -> None:
@@ -444,22 +503,23 @@ class _RingWindowState:
         pool = self.pool
         if pool.used <= 4 * self.live + 4096:
             return
-        state = self.keys
-        keys = np.flatnonzero(state["cap"] > 0)
-        lo, hi = state["head"][keys], state["end"][keys]
-        source, lengths = self._gather(keys, lo, hi)
+        ints = self.ints
+        keys = (ints[:, _CAP] > 0).nonzero()[0]
+        lo, hi = ints[keys, _HEAD], ints[keys, _END]
+        lengths = hi - lo
         new_cap = _next_pow2(lengths + lengths // 4 + 1)
-        new_off = np.cumsum(new_cap) - new_cap
-        segment, inside = _expand(lengths)
-        target = new_off[segment] + ((lo[segment] + inside) & (new_cap - 1)[segment])
-        used = int(new_cap.sum())
+        new_off = new_cap.cumsum() - new_cap
+        used = int(np.add.reduce(new_cap))
+        live = (lengths > 0).nonzero()[0]
+        source, _, _ = _ring_positions(ints[keys[live], _OFF], ints[keys[live], _CAP] - 1, lo[live], lengths[live])
+        target, _, _ = _ring_positions(new_off[live], new_cap[live] - 1, lo[live], lengths[live])
         for name, column in pool.columns.items():
             fresh = np.zeros(used + used // 4, column.dtype)
             fresh[target] = column[source]
             pool.columns[name] = fresh
         pool.used = used
-        state["off"][keys] = new_off
-        state["cap"][keys] = new_cap
+        ints[keys, _OFF] = new_off
+        ints[keys, _CAP] = new_cap
 
 
 class _EwmaState:
@@ -477,18 +537,20 @@ class _EwmaState:
     def nbytes(self) -> int:
         return self.num.nbytes + self.den.nbytes + self.t_last.nbytes
 
-    def update(self, batch: _Batch) -> dict[str, F64]:
+    def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:
         """Decay each touched key's sums to its newest tick and add the batch's ticks."""
-        keys, counts, starts = batch.keys, batch.counts, batch.starts
+        keys, newest = batch.keys, batch.t_last
         size = int(keys[-1]) + 1
         self.num, self.den = _grow(self.num, size, 0.0), _grow(self.den, size, 0.0)
         self.t_last = _grow(self.t_last, size, 0)
-        newest = batch.t_last
         # Differences of int64 nanoseconds are exact; only the gap is converted to float.
-        weight = np.exp2(-(np.repeat(newest, counts) - batch.t).astype(np.float64) / self.half_life)
-        weighted = np.add.reduceat(np.stack([weight * batch.p, weight]), starts, axis=1)
+        weight = np.exp2((batch.t - newest[batch.tick_key]).astype(np.float64) / self.half_life)
+        terms = np.empty((2, weight.size))
+        np.multiply(weight, batch.p, out=terms[0])
+        terms[1] = weight
+        weighted = terms if batch.single else np.add.reduceat(terms, batch.starts, axis=1)
         den = self.den[keys]
-        decay = np.exp2(-(newest - self.t_last[keys]).astype(np.float64) / self.half_life)
+        decay = np.exp2((self.t_last[keys] - newest).astype(np.float64) / self.half_life)
         decay[den == 0] = 0.0
         num = self.num[keys] * decay + weighted[0]
         den = den * decay + weighted[1]
@@ -573,25 +635,23 @@ class Engine:
         """Apply one batch (arrival order); return one result per spec and the late-tick count."""
         slots = np.asarray(slots, np.int64)
         t, p, q = np.asarray(t, np.int64), np.asarray(p, np.float64), np.asarray(q, np.float64)
-        if slots.size == 0:
-            empty = np.zeros(0, np.int64)
-            return [SignalResult(empty, empty, {s: np.zeros(0) for s in spec.stats}) for spec in self._specs], 0
-        batch, late = self._accept(slots, t, p, q)
-        if batch.keys.size == 0:
+        batch, late = self._accept(slots, t, p, q) if slots.size else (None, 0)
+        if batch is None:
             empty = np.zeros(0, np.int64)
             return [SignalResult(empty, empty, {s: np.zeros(0) for s in spec.stats}) for spec in self._specs], late
         results = []
         for spec, state in zip(self._specs, self._states, strict=True):
-            stats = state.update(batch)
+            stats = state.update(batch, spec.stats)
             results.append(SignalResult(batch.keys, batch.t_last, {name: stats[name] for name in spec.stats}))
         return results, late
 
-    def _accept(self, slots: I64, t: I64, p: F64, q: F64) -> tuple[_Batch, int]:
+    def _accept(self, slots: I64, t: I64, p: F64, q: F64) -> tuple[_Batch | None, int]:
         """Group the batch by key and drop ticks older than the key's newest accepted tick."""
         n = slots.size
-        if int(slots.max()) < np.iinfo(np.int64).max // n - 1:
+        if int(np.maximum.reduce(slots)) < np.iinfo(np.int64).max // n - 1:
             # Unique composite keys sort fast without a stable sort and keep arrival order.
-            composite = np.sort(slots * n + np.arange(n))
+            composite = slots * n + np.arange(n)
+            composite.sort()
             sorted_slots, order = np.divmod(composite, n)
         else:
             order = np.argsort(slots, kind="stable")
@@ -604,27 +664,23 @@ class Engine:
         new_group = np.empty(n, bool)
         new_group[0] = True
         np.not_equal(sorted_slots[1:], sorted_slots[:-1], out=new_group[1:])
-        if np.all((sorted_t[1:] >= sorted_t[:-1]) | new_group[1:]):
+        if ((sorted_t[1:] >= sorted_t[:-1]) | new_group[1:]).all():
             accepted = sorted_t >= previous
         else:
             accepted = sorted_t >= np.maximum(previous, _running_max_before(sorted_t, new_group))
         if accepted.all():
-            picked, keys_all, t_acc = order, sorted_slots, sorted_t
+            picked, keys_all, t_acc, group_start = order, sorted_slots, sorted_t, new_group
         else:
             picked, keys_all, t_acc = order[accepted], sorted_slots[accepted], sorted_t[accepted]
-        late = n - picked.size
-        if picked.size == 0:
-            none = np.zeros(0, np.int64)
-            return _Batch(none, none, none, none, none, np.zeros(0), np.zeros(0), none), late
-        group_start = np.empty(picked.size, bool)
-        group_start[0] = True
-        np.not_equal(keys_all[1:], keys_all[:-1], out=group_start[1:])
-        starts = np.flatnonzero(group_start)
-        counts = np.diff(starts, append=picked.size)
+            if picked.size == 0:
+                return None, n
+            group_start = np.empty(picked.size, bool)
+            group_start[0] = True
+            np.not_equal(keys_all[1:], keys_all[:-1], out=group_start[1:])
+        starts = group_start.nonzero()[0]
         keys = keys_all[starts]
-        t_last = t_acc[starts + counts - 1]
-        fresh = self._last_t[keys] == _I64_MIN
-        self._seen += int(fresh.sum())
+        batch = _batch(keys, starts, t_acc, p[picked], q[picked], np.empty(0, np.int64))
+        t_last = t_acc[batch.last]
+        self._seen += int(np.count_nonzero(self._last_t[keys] == _I64_MIN))
         self._last_t[keys] = t_last
-        within = np.arange(picked.size, dtype=np.int64) - np.repeat(starts, counts)
-        return _Batch(keys, starts, counts, within, t_acc, p[picked], q[picked], t_last), late
+        return batch._replace(t_last=t_last), n - picked.size

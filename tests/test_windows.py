@@ -156,6 +156,34 @@ class TestOracle:
         run_oracle(specs, stream)
 
 
+class TestWindowStart:
+    @settings(max_examples=25, deadline=None)
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        width=st.sampled_from([50, 1_000, 20_000]),
+        batch=st.sampled_from([5, 60, 700, 5_000]),
+    )
+    def test_any_number_of_evicted_ticks_per_batch(self, seed: int, width: int, batch: int) -> None:
+        """Keys evicting none, a few, hundreds or all of a long window per batch get the exact window."""
+        rng = np.random.default_rng(seed)
+        n = 5_000
+        slots = rng.choice(4, n, p=[0.7, 0.2, 0.09, 0.01])
+        t = np.cumsum(rng.choice([0, 1, 2, 3, 500], n, p=[0.3, 0.3, 0.2, 0.19, 0.01]))
+        p = (rng.integers(-1000, 1000, n) * 0.5).astype(np.float64)
+        engine = Engine([SignalSpec("tw", "time", width, ("count", "first", "min", "max", "mean"))])
+        for start in range(0, n, batch):
+            part = slice(start, start + batch)
+            (result,), _ = engine.process(slots[part], t[part], p[part], np.ones(p[part].size))
+            for row, key in enumerate(result.slots.tolist()):
+                mine = slots[: start + batch] == key
+                kt, kp = t[: start + batch][mine], p[: start + batch][mine]
+                window = kp[np.searchsorted(kt, kt[-1] - width, "right") :]
+                expected = {"count": window.size, "first": window[0], "min": window.min(), "max": window.max(),
+                            "mean": math.fsum(window) / window.size}  # fmt: skip
+                for stat, value in expected.items():
+                    assert_close(float(result.stats[stat][row]), float(value), f"key {key} {stat} at {start}")
+
+
 class TestLateTicks:
     def test_late_ticks_are_dropped_and_counted(self) -> None:
         """A tick older than its key's newest accepted tick is dropped; equal times are kept."""
