@@ -111,6 +111,8 @@ class Ingest:
         self.router = KeyRouter(self.workers)
         self.outboxes = [Outbox() for _ in range(self.workers)]
         self.oldest_recv_ns = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.flush_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
 
@@ -157,19 +159,20 @@ class Ingest:
 
     # main loop ------------------------------------------------------------------------
     def _drain(self) -> None:
-        """Receive everything the input sockets hold (bounded per wake-up), then route it."""
-        payloads: list[bytes] = []
-        size = 0
+        """Receive what the input sockets hold (bounded per wake-up); decoding waits for the flush.
+
+        Decoding, routing and sending have a fixed cost per call, so they run once per batch,
+        not once per wake-up: at moderate rates a wake-up often brings a single message.
+        """
         exhausted = True
         for sock in self.inputs:
-            drained, received = receive_payloads(sock, payloads, _DRAIN_LIMIT, _DRAIN_BYTES - size)
-            size += received
+            drained, size = receive_payloads(sock, self.pending, _DRAIN_LIMIT, _DRAIN_BYTES - self.pending_bytes)
+            self.pending_bytes += size
             exhausted = exhausted and drained
-        if not payloads:
+        if not self.pending:
             return
         if not self.oldest_recv_ns:
             self.oldest_recv_ns = time.time_ns()
-        self._account(len(payloads), size, decode_payloads(payloads))
         if not exhausted:
             self.loop.call_soon(self._drain)
         self._maybe_flush()
@@ -211,7 +214,7 @@ class Ingest:
         if not self.oldest_recv_ns:
             return
         age = time.time_ns() - self.oldest_recv_ns
-        full = any(o.ticks >= self.config.latency.max_batch_size for o in self.outboxes)
+        full = len(self.pending) >= self.config.latency.max_batch_size or self.pending_bytes >= _DRAIN_BYTES
         if full or age >= self.config.latency.max_batch_delay_ns:
             self.flush()
         elif self.flush_handle is None:
@@ -225,11 +228,15 @@ class Ingest:
             self.flush()
 
     def flush(self) -> None:
-        """Hand every worker its buffered ticks as one batch."""
+        """Decode what was received since the last flush and hand every worker its ticks."""
         if self.flush_handle is not None:
             self.flush_handle.cancel()
             self.flush_handle = None
         recv_ns, self.oldest_recv_ns = self.oldest_recv_ns, 0
+        payloads, size = self.pending, self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        if payloads:
+            self._account(len(payloads), size, decode_payloads(payloads))
         for worker, outbox in enumerate(self.outboxes):
             if outbox.ticks:
                 self._send(worker, outbox, recv_ns)
@@ -302,19 +309,21 @@ class Ingest:
         for sock in self.inputs:
             self.loop.remove_reader(sock.fileno())
         self._drain_once_more()
+        self.oldest_recv_ns = self.oldest_recv_ns or time.time_ns()
         self.flush()
         for sock in self.outputs:
             sock.send_multipart(encode_end_of_input())
         self.stopped.set()
 
     def _drain_once_more(self) -> None:
-        """Whatever arrived before intake stopped is still received and accounted for."""
-        payloads: list[bytes] = []
+        """Whatever arrived before intake stopped is still received, flushed and accounted for."""
         for sock in self.inputs:
-            while not receive_payloads(sock, payloads, _DRAIN_LIMIT, _DRAIN_BYTES)[0]:
-                pass
-        if payloads:
-            self._account(len(payloads), sum(map(len, payloads)), decode_payloads(payloads))
+            while True:
+                drained, size = receive_payloads(sock, self.pending, _DRAIN_LIMIT, _DRAIN_BYTES)
+                self.pending_bytes += size
+                if drained:
+                    break
+                self.flush()
 
     async def serve(self) -> None:
         await self.stopped.wait()

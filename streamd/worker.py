@@ -21,12 +21,13 @@ import zmq
 from streamd.config import Config, SignalSpec
 from streamd.logs import setup_logging
 from streamd.metrics import WorkerMetrics
-from streamd.records import encode_batch_record, encode_records, topic_for
+from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.runtime import RuntimePaths, name_process
 from streamd.transport import EndOfInput, Reconfigure, WorkerBatch, decode
 from streamd.windows import Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
+_SNDMORE = int(zmq.SNDMORE)  # plain ints: send_multipart and flag enums cost 3x two plain sends
 
 
 class Throttle:
@@ -85,12 +86,15 @@ class SignalPublisher:
         self.spec = spec
         self._sock = sock
         self._topics: list[bytes] = []
+        self._heads: list[bytes] = []
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
         self._throttle = Throttle(spec.emit_interval_ns, spec.stats) if spec.emit_interval_ns else None
 
     def add_keys(self, keys: Sequence[str | int]) -> None:
+        """Topics and record heads are built once per key lifetime."""
         self._topics.extend(topic_for(self.spec.name, key) for key in keys)
+        self._heads.extend(record_head(self.spec.name, key, len(self.spec.stats)) for key in keys)
 
     def publish(self, result: SignalResult, keys: np.ndarray) -> None:
         if self._throttle is not None:
@@ -109,15 +113,18 @@ class SignalPublisher:
         if not rows:
             return
         stats = {name: result.stats[name] for name in self.spec.stats}
-        row_keys = keys[result.slots].tolist()
         pub_ns = time.time_ns()
         if self.spec.publish == "batch":
+            row_keys = keys[result.slots].tolist()
             self._sock.send_multipart(encode_batch_record(self.spec.name, row_keys, result.t, stats, pub_ns))
             self._messages.inc()
         else:
-            topics = [self._topics[slot] for slot in result.slots.tolist()]
-            for message in encode_records(self.spec.name, topics, row_keys, result.t, stats, pub_ns):
-                self._sock.send_multipart(message)
+            slots = result.slots.tolist()
+            payloads = encode_record_payloads([self._heads[s] for s in slots], result.t, stats, pub_ns)
+            send = self._sock.send
+            for slot, payload in zip(slots, payloads, strict=True):
+                send(self._topics[slot], _SNDMORE)
+                send(payload)
             self._messages.inc(rows)
         self._published.inc(rows)
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamd.config import DEFAULT_SIGNALS
-from streamd.records import decode_record, encode_batch_record, encode_records, topic_for
+from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.sharding import shard_for
 from streamd.transport import (
     EndOfInput,
@@ -73,12 +73,37 @@ def test_control_messages_round_trip() -> None:
 
 def test_records_carry_topic_key_and_nil_for_undefined() -> None:
     """Record mode: topic signal.key, stats with NaN as nil and count as an integer."""
+    assert topic_for("px", "A") == b"px.A" and topic_for("px", 7) == b"px.7"
     stats = {"count": np.array([1.0, 2.0]), "std": np.array([np.nan, 0.5])}
-    messages = encode_records("px", [topic_for("px", "A"), topic_for("px", 7)], ["A", 7], np.array([10, 20]), stats, 99)
-    assert [m[0] for m in messages] == [b"px.A", b"px.7"]
-    first, second = (decode_record(m) for m in messages)
+    heads = [record_head("px", "A", 2), record_head("px", 7, 2)]
+    first, second = (msgpack.unpackb(p) for p in encode_record_payloads(heads, np.array([10, 20]), stats, 99))
     assert first == {"signal": "px", "k": "A", "t": 10, "pub_ns": 99, "count": 1, "std": None}
     assert second["k"] == 7 and second["std"] == 0.5 and isinstance(second["count"], int)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@given(
+    st.lists(
+        st.tuples(keys, st.integers(0, 2**63 - 1), st.integers(0, 2**40), st.one_of(st.none(), finite), finite),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_fast_record_layout_equals_plain_msgpack(rows: list[tuple[str | int, int, int, float | None, float]]) -> None:
+    """The fixed-width fast path decodes to exactly what packing a dict would give."""
+    keys_, times, counts, stds, means = zip(*rows, strict=True)
+    stats = {
+        "count": np.array(counts, float),
+        "std": np.array([np.nan if s is None else s for s in stds]),
+        "mean": np.array(means),
+    }
+    heads = [record_head("sig", key, 3) for key in keys_]
+    payloads = encode_record_payloads(heads, np.array(times, np.int64), stats, 5)
+    for key, time_ns, count, std, mean, payload in zip(keys_, times, counts, stds, means, payloads, strict=True):
+        expected = {"signal": "sig", "k": key, "t": time_ns, "pub_ns": 5, "count": count, "std": std, "mean": mean}
+        assert msgpack.unpackb(payload, strict_map_key=False) == expected
 
 
 def test_batch_record_is_columnar() -> None:
