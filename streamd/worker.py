@@ -8,6 +8,7 @@ which fans every worker's signals out on the one public endpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -249,7 +250,7 @@ class Worker:
         for publisher in self.publishers:
             publisher.flush_due(self.keys, everything=True)
         self.engine.reconfigure(signals)
-        self.config = Config(**{**self.config.__dict__, "signals": signals})
+        self.config = dataclasses.replace(self.config, signals=signals)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in signals]
         for publisher in self.publishers:
             publisher.add_keys(self.keys[: self.n_keys].tolist())
