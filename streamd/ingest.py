@@ -289,7 +289,7 @@ class Ingest:
         """
         self.outputs[worker].close(0)
         self.outputs[worker] = self._open_output(worker)
-        lost = self.sent[worker] - self.done[worker] + self.outboxes[worker].ticks
+        lost = self.sent[worker] - self.done[worker]
         if lost > 0:
             self.metrics.ticks_dropped.labels("worker_lost").inc(lost)
         self.done[worker] = self.sent[worker]
