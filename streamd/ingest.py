@@ -14,7 +14,6 @@ import asyncio
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -26,8 +25,8 @@ from streamd.config import Config
 from streamd.logs import RateLimiter, setup_logging
 from streamd.metrics import IngestMetrics
 from streamd.protocol import DecodedTicks, decode_payloads
+from streamd.router import KeyRouter, Outbox
 from streamd.runtime import RuntimePaths, StartupError, name_process
-from streamd.sharding import shard_for
 from streamd.transport import WorkerBatch, encode_batch, encode_end_of_input, encode_reconfigure
 
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
@@ -57,42 +56,6 @@ def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, m
         if size >= max_bytes:
             break
     return False, size
-
-
-@dataclass
-class Outbox:
-    """Ticks buffered for one worker, and keys it has not been told about yet."""
-
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-    ticks: int = 0
-    new_keys: list[tuple[int, str | int]] = field(default_factory=list)
-
-
-class KeyRouter:
-    """Maps each key to (worker, slot): slots are dense per worker and assigned on first sight."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.codes: dict[str | int, int] = {}
-        self.next_slot = [0] * workers
-
-    def route(self, keys: list[str | int], outboxes: list[Outbox]) -> np.ndarray:
-        """Codes ``slot * workers + worker`` per tick; announces new keys in ``outboxes``."""
-        codes = list(map(self.codes.get, keys))
-        if None in codes:
-            for key in dict.fromkeys(k for k, c in zip(keys, codes, strict=True) if c is None):
-                worker = shard_for(key, self.workers)
-                slot = self.next_slot[worker]
-                self.next_slot[worker] += 1
-                self.codes[key] = slot * self.workers + worker
-                outboxes[worker].new_keys.append((slot, key))
-            codes = list(map(self.codes.__getitem__, keys))
-        return np.array(codes, dtype=np.int64)
-
-    def forget_worker(self, worker: int) -> None:
-        """A restarted worker starts empty: its keys are announced again on next sight."""
-        self.codes = {k: c for k, c in self.codes.items() if c % self.workers != worker}
-        self.next_slot[worker] = 0
 
 
 class Ingest:
