@@ -1,11 +1,14 @@
-"""Ingest process: where a tick enters streamd.
+"""Ingest process: where a tick enters streamd. One ingest process per input endpoint.
 
-An asyncio loop (uvloop) watches the input sockets' file descriptors and, after each
-wake-up, drains them with non-blocking receives (awaiting one message at a time through
-zmq.asyncio is ten times slower). Payloads are decoded a drain at a time
-(:func:`streamd.protocol.decode_payloads`), sharded by key (:func:`streamd.sharding.shard_for`,
-cached per key) and buffered per worker until ``latency.max_batch_size`` ticks or
-``latency.max_batch_delay`` after the oldest buffered tick, whichever comes first.
+An asyncio loop (uvloop) watches its input socket's file descriptor and, after each wake-up,
+drains it with non-blocking receives (awaiting one message at a time through zmq.asyncio is
+ten times slower). What a drain brought is decoded at once (:func:`streamd.protocol.decode_payloads`),
+sharded by key (:class:`streamd.router.KeyRouter`) and buffered per worker.
+
+Flow control decides when a worker's buffer leaves: at once if the worker has applied
+everything this ingest handed it (it is idle), otherwise when the worker acks its current
+work, so a busy worker gets one larger batch instead of a queue of small ones.
+``latency.max_batch_size`` and ``latency.max_batch_delay`` bound the wait either way.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import uvloop
 import zmq
 
 from streamd.config import Config
-from streamd.logs import RateLimiter, setup_logging
+from streamd.control import Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
+from streamd.ledger import TickLedger
+from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
 from streamd.protocol import DecodedTicks, decode_payloads
 from streamd.router import KeyRouter, Outbox
 from streamd.runtime import RuntimePaths, StartupError, name_process
-from streamd.transport import WorkerBatch, encode_batch, encode_end_of_input, encode_reconfigure
+from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_of_input
 
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: converting the flag enum on every receive shows in profiles
@@ -59,57 +64,56 @@ def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, m
 
 
 class Ingest:
-    """startup() -> serve() -> shutdown() for the ingest process."""
+    """startup() -> serve() -> shutdown() for the ingest process of one input endpoint."""
 
-    def __init__(self, config: Config, paths: RuntimePaths, sent: Any, done: Any, conn: Connection) -> None:
+    def __init__(self, index: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+        self.index = index
+        self.endpoint = config.ingest.endpoints[index]
         self.config = config
         self.paths = paths
-        self.sent = sent
-        self.done = done
+        self.ledger = ledger
         self.conn = conn
         self.workers = config.workers.resolved_count()
-        self.log = setup_logging(config.log, "ingest")
+        self.log = setup_logging(config.log, f"ingest{index}")
         self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
         self.metrics = IngestMetrics()
         self.router = KeyRouter(self.workers)
         self.outboxes = [Outbox() for _ in range(self.workers)]
-        self.oldest_recv_ns = 0
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.flush_handle: asyncio.TimerHandle | None = None
+        self.generations = [0] * self.workers
+        self.deadline_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
         self.ctx = zmq.Context()
-        self.inputs = [self._open_input(endpoint) for endpoint in self.config.ingest.endpoints]
+        self.input = self._open_input()
+        self.acks = self.ctx.socket(zmq.PULL)
+        self.acks.setsockopt(zmq.LINGER, 0)
+        self.acks.bind(self.paths.ack_endpoint(self.index))
         self.outputs = [self._open_output(i) for i in range(self.workers)]
         self.loop = asyncio.get_running_loop()
-        for sock in self.inputs:
-            self.loop.add_reader(sock.fileno(), self._drain)
+        self.loop.add_reader(self.input.fileno(), self._drain)
+        self.loop.add_reader(self.acks.fileno(), self._on_acks)
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         self.loop.call_soon(self._drain)
-        self.log.info(
-            "ingest started",
-            extra={"mode": self.config.ingest.mode, "endpoints": ",".join(self.config.ingest.endpoints)},
-        )
-        self.conn.send(("ready", "ingest"))
+        self.log.info("ingest started", extra={"mode": self.config.ingest.mode, "endpoint": self.endpoint})
+        self.conn.send(Ready())
 
-    def _open_input(self, endpoint: str) -> zmq.Socket[Any]:
+    def _open_input(self) -> zmq.Socket[Any]:
         ingest = self.config.ingest
         sock = self.ctx.socket(zmq.PULL if ingest.mode == "pull" else zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, ingest.rcvhwm)
         try:
             if ingest.mode == "pull":
-                sock.bind(endpoint)
+                sock.bind(self.endpoint)
             else:
                 for prefix in ingest.subscribe:
                     sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-                sock.connect(endpoint)
+                sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
             verb = "bind" if ingest.mode == "pull" else "connect to"
-            msg = f"ingest.endpoints: cannot {verb} {endpoint}: {zmq.strerror(exc.errno or 0)}"
+            msg = f"ingest.endpoints: cannot {verb} {self.endpoint}: {zmq.strerror(exc.errno or 0)}"
             raise StartupError(msg) from None
         return sock
 
@@ -120,29 +124,25 @@ class Ingest:
         sock.connect(self.paths.worker_endpoint(worker))
         return sock
 
-    # main loop ------------------------------------------------------------------------
+    # main loop: receive, decode, route ---------------------------------------------------
     def _drain(self) -> None:
-        """Receive what the input sockets hold (bounded per wake-up); decoding waits for the flush.
+        """Receive what the input socket holds (bounded per wake-up), decode it, and dispatch.
 
-        Decoding, routing and sending have a fixed cost per call, so they run once per batch,
-        not once per wake-up: at moderate rates a wake-up often brings a single message.
+        Idle workers get their ticks straight away; when the drain was cut short by its bound,
+        the rest is received on the next loop iteration, after timers and acks had their turn.
         """
-        exhausted = True
-        for sock in self.inputs:
-            drained, size = receive_payloads(sock, self.pending, _DRAIN_LIMIT, _DRAIN_BYTES - self.pending_bytes)
-            self.pending_bytes += size
-            exhausted = exhausted and drained
-        if not self.pending:
-            return
-        if not self.oldest_recv_ns:
-            self.oldest_recv_ns = time.time_ns()
+        payloads: list[bytes] = []
+        exhausted, size = receive_payloads(self.input, payloads, _DRAIN_LIMIT, _DRAIN_BYTES)
         if not exhausted:
             self.loop.call_soon(self._drain)
-        self._maybe_flush()
+        if payloads:
+            self._accept(payloads, size, time.time_ns())
+            self._dispatch()
 
-    def _account(self, messages: int, size: int, decoded: DecodedTicks) -> None:
+    def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
+        decoded = decode_payloads(payloads)
         metrics = self.metrics
-        metrics.messages_received.inc(messages)
+        metrics.messages_received.inc(len(payloads))
         metrics.bytes_received.inc(size)
         metrics.ticks_received.inc(decoded.received)
         for reason, count in decoded.tick_drops.items():
@@ -152,68 +152,88 @@ class Ingest:
         for reason, example in decoded.examples.items():
             self.limited.warning(reason, "input dropped", reason=reason, example=example)
         if decoded.keys:
-            self._route(decoded)
+            self._route(decoded, recv_ns)
 
-    def _route(self, decoded: DecodedTicks) -> None:
+    def _route(self, decoded: DecodedTicks, recv_ns: int) -> None:
         codes = self.router.route(decoded.keys, self.outboxes)
+        if self.workers == 1:
+            self._buffer(0, codes, decoded.t, decoded.p, decoded.q, recv_ns)
+            return
         workers = codes % self.workers
         slots = codes // self.workers
-        if self.workers == 1:
-            self._buffer(0, slots, decoded.t, decoded.p, decoded.q)
-            return
         order = np.argsort(workers, kind="stable")
         bounds = np.searchsorted(workers[order], np.arange(self.workers + 1))
         for worker in range(self.workers):
             part = order[bounds[worker] : bounds[worker + 1]]
             if len(part):
-                self._buffer(worker, slots[part], decoded.t[part], decoded.p[part], decoded.q[part])
+                self._buffer(worker, slots[part], decoded.t[part], decoded.p[part], decoded.q[part], recv_ns)
 
-    def _buffer(self, worker: int, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray) -> None:
+    def _buffer(
+        self, worker: int, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray, recv_ns: int
+    ) -> None:
         outbox = self.outboxes[worker]
+        if not outbox.ticks:
+            outbox.oldest_ns = recv_ns
         outbox.parts.append((slots, t, p, q))
         outbox.ticks += len(t)
 
-    def _maybe_flush(self) -> None:
-        if not self.oldest_recv_ns:
-            return
-        age = time.time_ns() - self.oldest_recv_ns
-        full = len(self.pending) >= self.config.latency.max_batch_size or self.pending_bytes >= _DRAIN_BYTES
-        if full or age >= self.config.latency.max_batch_delay_ns:
-            self.flush()
-        elif self.flush_handle is None:
-            delay = (self.config.latency.max_batch_delay_ns - age) / 1e9
-            self.flush_handle = self.loop.call_later(delay, self._on_flush_timer)
-
-    def _on_flush_timer(self) -> None:
-        self.flush_handle = None
-        self._drain()
-        if self.oldest_recv_ns:
-            self.flush()
-
-    def flush(self) -> None:
-        """Decode what was received since the last flush and hand every worker its ticks."""
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
-            self.flush_handle = None
-        recv_ns, self.oldest_recv_ns = self.oldest_recv_ns, 0
-        payloads, size = self.pending, self.pending_bytes
-        self.pending, self.pending_bytes = [], 0
-        if payloads:
-            self._account(len(payloads), size, decode_payloads(payloads))
+    # flow control: when a worker's outbox leaves ------------------------------------------
+    def _dispatch(self, *, everything: bool = False) -> None:
+        """Send each outbox whose worker is free, or that reached its size or age bound."""
+        latency = self.config.latency
+        now = time.time_ns()
+        next_deadline = 0
         for worker, outbox in enumerate(self.outboxes):
-            if outbox.ticks:
-                self._send(worker, outbox, recv_ns)
+            if not outbox.ticks:
+                continue
+            due = outbox.oldest_ns + latency.max_batch_delay_ns
+            if (
+                everything
+                or self.ledger.in_flight(self.index, worker) <= 0
+                or outbox.ticks >= latency.max_batch_size
+                or now >= due
+            ):
+                self._send(worker, outbox)
+            elif not next_deadline or due < next_deadline:
+                next_deadline = due
+        self._arm_deadline(next_deadline)
 
-    def _send(self, worker: int, outbox: Outbox, recv_ns: int) -> None:
+    def _arm_deadline(self, deadline_ns: int) -> None:
+        if self.deadline_handle is not None:
+            self.deadline_handle.cancel()
+            self.deadline_handle = None
+        if deadline_ns:
+            delay = max(0.0, (deadline_ns - time.time_ns()) / 1e9)
+            self.deadline_handle = self.loop.call_later(delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.deadline_handle = None
+        self._dispatch()
+
+    def _on_acks(self) -> None:
+        """A worker applied its batches: whatever waited for it may go now."""
+        acked = False
+        while True:
+            try:
+                frame = self.acks.recv(_NOBLOCK)
+            except zmq.Again:
+                break
+            worker, generation = decode_ack(frame)
+            acked = acked or generation == self.generations[worker]
+        if acked:
+            self._dispatch()
+
+    def _send(self, worker: int, outbox: Outbox) -> None:
         """Send the outbox in batches of at most ``max_batch_size`` ticks."""
         columns = [np.concatenate(c) if len(outbox.parts) > 1 else c[0] for c in zip(*outbox.parts, strict=True)]
         self.outboxes[worker] = Outbox()
         size = self.config.latency.max_batch_size
         new_keys = outbox.new_keys
         for start in range(0, outbox.ticks, size):
-            chunk = [column[start : start + size] for column in columns]
-            slots, t, p, q = chunk
-            if self._send_batch(worker, WorkerBatch(slots, t, p, q, new_keys, recv_ns, self.sent[worker])):
+            slots, t, p, q = (column[start : start + size] for column in columns)
+            seq = self.ledger.handed(self.index, worker)
+            batch = WorkerBatch(slots, t, p, q, new_keys, outbox.oldest_ns, self.index, self.generations[worker], seq)
+            if self._send_batch(worker, batch):
                 new_keys = []
 
     def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
@@ -226,74 +246,81 @@ class Ingest:
             self.limited.warning("overflow", "worker queue full, batch dropped", worker=worker, ticks=ticks)
             self.outboxes[worker].new_keys.extend(batch.new_keys)
             return False
-        self.sent[worker] += ticks
+        self.ledger.hand_over(self.index, worker, ticks)
         self.metrics.batch_size.observe(ticks)
         self.metrics.batches_sent.labels(str(worker)).inc()
         return True
 
-    # control --------------------------------------------------------------------------
+    # control ------------------------------------------------------------------------------
     def _on_control(self) -> None:
         while self.conn.poll():
-            message = self.conn.recv()
-            command = message[0]
-            if command == "stop":
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self._on_supervisor_gone()
+                return
+            if isinstance(message, Stop):
                 self._stop_intake()
-            elif command == "worker_lost":
-                self._reset_worker(message[1])
-            elif command == "reconfigure":
-                self._reconfigure(message[1])
+            elif isinstance(message, WorkerLost):
+                self._reset_worker(message.worker, message.generation)
+            elif isinstance(message, Reload):
+                self._reload(message.config)
 
-    def _reset_worker(self, worker: int) -> None:
+    def _on_supervisor_gone(self) -> None:
+        """The supervisor died: nobody can restart or stop us properly, so free the port and exit."""
+        self.log.error("supervisor is gone; ingest exiting")
+        self.loop.remove_reader(self.conn.fileno())
+        self.loop.remove_reader(self.input.fileno())
+        self.stopped.set()
+
+    def _reset_worker(self, worker: int, generation: int) -> None:
         """Account for what died with a worker and start its queue afresh for the replacement.
 
         Closing the PUSH socket with linger 0 discards batches still queued for the dead
-        process, so ``sent - done`` is exactly what was lost, and nothing stale can reach
-        the replacement (the supervisor starts it only after this acknowledgement).
+        process, and any that slipped through carry the old generation, which the replacement
+        discards: the ledger's write-off is exactly what was lost.
         """
         self.outputs[worker].close(0)
         self.outputs[worker] = self._open_output(worker)
-        lost = self.sent[worker] - self.done[worker]
-        if lost > 0:
+        self.generations[worker] = generation
+        lost = self.ledger.write_off(self.index, worker)
+        if lost:
             self.metrics.ticks_dropped.labels("worker_lost").inc(lost)
-        self.done[worker] = self.sent[worker]
         self.router.forget_worker(worker)
         self.outboxes[worker] = Outbox()
         self.log.warning("worker lost, its queue was reset", extra={"worker": worker, "lost_ticks": lost})
-        self.conn.send(("worker_reset", worker))
+        self.conn.send(WorkerReset(worker, lost))
 
-    def _reconfigure(self, config: Config) -> None:
-        self.flush()
+    def _reload(self, config: Config) -> None:
         self.config = config
-        for sock in self.outputs:
-            sock.send_multipart(encode_reconfigure(config.signals))
-        self.log.info("signals and emission settings reloaded", extra={"signals": len(config.signals)})
+        apply_log_config(config.log)
+        self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
+        self._dispatch()
+        self.log.info("batching and logging reloaded")
 
     def _stop_intake(self) -> None:
-        for sock in self.inputs:
-            self.loop.remove_reader(sock.fileno())
-        self._drain_once_more()
-        self.oldest_recv_ns = self.oldest_recv_ns or time.time_ns()
-        self.flush()
+        """Receive what already arrived (bounded by the socket's queue), hand it all over, then end input."""
+        self.loop.remove_reader(self.input.fileno())
+        deadline = time.monotonic() + self.config.shutdown.graceful_timeout_ns / 2e9
+        while time.monotonic() < deadline:
+            payloads: list[bytes] = []
+            exhausted, size = receive_payloads(self.input, payloads, _DRAIN_LIMIT, _DRAIN_BYTES)
+            if payloads:
+                self._accept(payloads, size, time.time_ns())
+            if exhausted:
+                break
+        self.input.close(0)
+        self._dispatch(everything=True)
         for sock in self.outputs:
-            sock.send_multipart(encode_end_of_input())
+            sock.send_multipart(encode_end_of_input(self.index))
         self.stopped.set()
-
-    def _drain_once_more(self) -> None:
-        """Whatever arrived before intake stopped is still received, flushed and accounted for."""
-        for sock in self.inputs:
-            while True:
-                drained, size = receive_payloads(sock, self.pending, _DRAIN_LIMIT, _DRAIN_BYTES)
-                self.pending_bytes += size
-                if drained:
-                    break
-                self.flush()
 
     async def serve(self) -> None:
         await self.stopped.wait()
 
     def shutdown(self) -> None:
-        for sock in self.inputs:
-            sock.close(0)
+        self.input.close(0)
+        self.acks.close(0)
         for sock in self.outputs:
             sock.setsockopt(zmq.LINGER, 5000)
             sock.close()
@@ -306,14 +333,14 @@ async def _run(ingest: Ingest) -> None:
     await ingest.serve()
 
 
-def ingest_main(config: Config, paths: RuntimePaths, sent: Any, done: Any, conn: Connection) -> None:
-    """Entry point of the ingest process (started with the ``spawn`` context)."""
-    name_process("streamd-ingest")
+def ingest_main(index: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+    """Entry point of ingest process ``index`` (started with the ``spawn`` context)."""
+    name_process(f"streamd-ingest{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ingest = Ingest(config, paths, sent, done, conn)
+    ingest = Ingest(index, config, paths, ledger, conn)
     try:
         uvloop.run(_run(ingest))
     except StartupError as exc:
-        conn.send(("error", str(exc)))
+        conn.send(Failed(str(exc)))
         sys.exit(1)
     ingest.shutdown()

@@ -57,12 +57,17 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(config: LogConfig, role: str) -> logging.Logger:
     """Configure this process's root logger and return the logger named after its role."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.format == "json" else LogfmtFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.level.upper())
+    logging.getLogger().handlers[:] = [logging.StreamHandler(sys.stderr)]
+    apply_log_config(config)
     return logging.getLogger(role)
+
+
+def apply_log_config(config: LogConfig) -> None:
+    """Apply ``[log]`` level and format to this process (at start and on every reload)."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(JsonFormatter() if config.format == "json" else LogfmtFormatter())
+    root.setLevel(config.level.upper())
 
 
 class RateLimiter:

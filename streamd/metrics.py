@@ -101,6 +101,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.stale_batches = Counter(
+            "streamd_worker_stale_batches_total",
+            "Batches meant for a dead predecessor of this worker, discarded (their ticks count as worker_lost).",
+            ["worker"],
+            registry=registry,
+        ).labels(label)
         self.busy = Counter(
             "streamd_worker_busy_seconds_total", "Time spent processing batches.", ["worker"], registry=registry
         ).labels(label)

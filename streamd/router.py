@@ -20,6 +20,7 @@ class Outbox:
 
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     ticks: int = 0
+    oldest_ns: int = 0  # wall clock when the oldest buffered tick was received
     new_keys: list[tuple[int, str | int]] = field(default_factory=list)
 
 

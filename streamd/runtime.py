@@ -34,6 +34,10 @@ class RuntimePaths:
     def worker_endpoint(self, index: int) -> str:
         return f"ipc://{self.root}/worker-{index}"
 
+    def ack_endpoint(self, ingest: int) -> str:
+        """Where ingest ``ingest`` hears from the workers that they are free for more."""
+        return f"ipc://{self.root}/ingest-{ingest}-acks"
+
     @property
     def forwarder_endpoint(self) -> str:
         return f"ipc://{self.root}/signals"

@@ -1,22 +1,24 @@
-"""Supervisor: the main process. Starts the ingest and the workers, restarts dead workers,
-forwards every worker's signals to the one public endpoint, serves /metrics, talks to systemd.
+"""Supervisor: the main process. Starts one ingest per input endpoint and one worker per core,
+replaces dead workers, forwards every worker's signals to the one public endpoint, serves
+/metrics, talks to systemd.
 
 Signal handlers only record what arrived; the main loop acts on it (``handle_term``,
-``handle_hup``). Children are started with the ``spawn`` context and build their own
-sockets, logging and metrics from the picklable config.
+``handle_hup``) and never sleeps or blocks on a child: replacing a dead worker is a small
+state machine (ingests write off its queue, then the restart policy's backoff elapses, then
+the replacement starts) advanced on each pass of the loop. Children are started with the
+``spawn`` context and build their own sockets, logging and metrics from the picklable config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection, wait
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait
 from typing import Any
 
 import zmq
@@ -24,9 +26,12 @@ from prometheus_client import start_http_server
 from prometheus_client.multiprocess import mark_process_dead
 
 from streamd import __version__
+from streamd.children import ChildProcess, RestartPolicy
 from streamd.config import Config, ConfigError, load_config
+from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.ingest import ingest_main
-from streamd.logs import setup_logging
+from streamd.ledger import TickLedger
+from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import ProcessInfo, SupervisorView, serving_registry
 from streamd.runtime import RuntimePaths, StartupError
 from streamd.sdnotify import Notifier
@@ -36,22 +41,22 @@ _TICK_S = 0.1
 _STATUS_EVERY_S = 2.0
 _STALL_S = 10.0
 _READY_TIMEOUT_S = 30.0
-_MAX_BACKOFF_S = 5.0
 
 
 @dataclass
-class Child:
-    """One child process slot; a dead worker is replaced in the same slot."""
+class Replacement:
+    """A dead worker's slot on its way back: waiting for every ingest's write-off, then for the backoff."""
 
-    role: str
-    index: int
-    process: Any
-    conn: Connection
-    ready: bool = False
+    awaiting: set[int]
+    start_at: float
 
-    @property
-    def label(self) -> str:
-        return "" if self.role == "ingest" else str(self.index)
+
+@dataclass
+class Progress:
+    """When each worker last applied something, for stall detection."""
+
+    applied: list[int]
+    since: list[float] = field(default_factory=list)
 
 
 class Forwarder:
@@ -107,13 +112,16 @@ class Supervisor:
         self.log = setup_logging(config.log, "supervisor")
         self.notifier = Notifier(unset_environment=True)
         self.mp = multiprocessing.get_context("spawn")
+        self.n_ingests = len(config.ingest.endpoints)
         self.n_workers = config.workers.resolved_count()
-        self.sent = self.mp.Array("q", self.n_workers, lock=False)
-        self.done = self.mp.Array("q", self.n_workers, lock=False)
-        self.children: dict[tuple[str, int], Child] = {}
+        self.ledger = TickLedger(self.n_ingests, self.n_workers, self.mp)
+        self.ingests: list[ChildProcess] = []
+        self.workers: list[ChildProcess] = []
+        self.generations = [0] * self.n_workers
+        self.policies = [RestartPolicy() for _ in range(self.n_workers)]
+        self.replacing: dict[int, Replacement] = {}
         self.restarts = {str(i): 0 for i in range(self.n_workers)}
         self.reloads = {"success": 0, "failure": 0}
-        self.backoff = {i: 0.1 for i in range(self.n_workers)}
         self.pending_signals: list[int] = []
         self.exit_code = 0
 
@@ -138,9 +146,8 @@ class Supervisor:
             self.forwarder.close_sockets()
             raise
         self.forwarder.start()
-        self._start_child("ingest", 0)
-        for index in range(self.n_workers):
-            self._start_child("worker", index)
+        self.ingests = [self._start_ingest(i) for i in range(self.n_ingests)]
+        self.workers = [self._start_worker(w) for w in range(self.n_workers)]
         self._await_ready()
         self.notifier.ready()
         self.log.info(
@@ -148,6 +155,7 @@ class Supervisor:
             extra={
                 "version": __version__,
                 "workers": self.n_workers,
+                "ingests": self.n_ingests,
                 "ingest": ",".join(self.config.ingest.endpoints),
                 "publish": self.config.publish.endpoint,
                 "metrics": self.config.metrics.listen,
@@ -158,9 +166,9 @@ class Supervisor:
     def _serve_metrics(self) -> None:
         view = SupervisorView(
             processes=self._process_infos,
-            worker_up=lambda: {str(i): self._alive("worker", i) for i in range(self.n_workers)},
+            worker_up=lambda: {str(w): self._worker_up(w) for w in range(self.n_workers)},
             restarts=lambda: dict(self.restarts),
-            backlog=lambda: {str(i): max(0, self.sent[i] - self.done[i]) for i in range(self.n_workers)},
+            backlog=lambda: {str(w): self.ledger.backlog(w) for w in range(self.n_workers)},
             reloads=lambda: dict(self.reloads),
             version=__version__,
             config_hash=self._config_digest,
@@ -178,40 +186,48 @@ class Supervisor:
         return self.config.digest()
 
     def _process_infos(self) -> list[ProcessInfo]:
+        """Called from the metrics thread: works on snapshots of the child lists."""
         infos = [ProcessInfo("supervisor", "", os.getpid())]
-        infos += [ProcessInfo(c.role, c.label, c.process.pid) for c in self.children.values() if c.process.is_alive()]
+        for child in [*list(self.ingests), *list(self.workers)]:
+            pid = child.pid
+            if pid is not None and child.exitcode is None:
+                infos.append(ProcessInfo(child.role, child.label, pid))
         return infos
 
-    def _start_child(self, role: str, index: int) -> None:
-        parent_end, child_end = self.mp.Pipe()
-        if role == "ingest":
-            args: tuple[Any, ...] = (self.config, self.paths, self.sent, self.done, child_end)
-            process = self.mp.Process(target=ingest_main, args=args, name="streamd-ingest")
-        else:
-            args = (index, self.config, self.paths, self.done, child_end)
-            process = self.mp.Process(target=worker_main, args=args, name=f"streamd-worker-{index}")
-        process.start()
-        child_end.close()
-        self.children[(role, index)] = Child(role, index, process, parent_end)
+    def _start_ingest(self, index: int) -> ChildProcess:
+        child = ChildProcess(self.mp, "ingest", index, ingest_main, (index, self.config, self.paths, self.ledger))
+        child.start()
+        return child
+
+    def _start_worker(self, index: int) -> ChildProcess:
+        args = (index, self.generations[index], self.config, self.paths, self.ledger)
+        child = ChildProcess(self.mp, "worker", index, worker_main, args)
+        child.start()
+        self.policies[index].started()
+        return child
+
+    def _children(self) -> list[ChildProcess]:
+        return [*self.ingests, *self.workers]
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
-        while not all(c.ready for c in self.children.values()):
+        while not all(c.ready for c in self._children()):
             if time.monotonic() > deadline:
                 msg = "children did not report ready within 30 s"
                 raise StartupError(msg)
             self._poll_children(timeout=_TICK_S, starting=True)
 
-    def _alive(self, role: str, index: int) -> bool:
-        child = self.children.get((role, index))
-        return bool(child and child.ready and child.process.is_alive())
+    def _worker_up(self, index: int) -> bool:
+        child = self.workers[index]
+        return child.ready and child.exitcode is None and index not in self.replacing
 
     # main loop ------------------------------------------------------------------------
     def main_loop(self) -> None:
         last_status = time.monotonic()
         last_watchdog = 0.0
         watchdog_every = self.notifier.watchdog_interval()
-        progress = ([0] * self.n_workers, time.monotonic())
+        progress = Progress([0] * self.n_workers, [time.monotonic()] * self.n_workers)
+        seen = [0] * self.n_workers
         while True:
             while self.pending_signals:
                 signum = self.pending_signals.pop(0)
@@ -221,98 +237,104 @@ class Supervisor:
                     self.log.info("stopping", extra={"signal": signal.Signals(signum).name})
                     return
             self._poll_children(timeout=_TICK_S)
-            if not self._alive("ingest", 0):
+            dead_ingest = next((c for c in self.ingests if c.exitcode is not None), None)
+            if dead_ingest is not None:
                 self.log.error(
-                    "ingest process died; stopping", extra={"exitcode": self.children["ingest", 0].process.exitcode}
+                    "ingest process died; stopping",
+                    extra={"ingest": dead_ingest.index, "exitcode": dead_ingest.exitcode},
                 )
                 self.exit_code = 1
                 return
-            self._restart_dead_workers()
+            self._replace_dead_workers()
             now = time.monotonic()
-            if watchdog_every and now - last_watchdog >= watchdog_every and self._healthy(progress):
+            self._kill_stalled_workers(progress, now)
+            if watchdog_every and now - last_watchdog >= watchdog_every:
                 self.notifier.watchdog()
                 last_watchdog = now
             if now - last_status >= _STATUS_EVERY_S:
-                progress = self._report_status(progress, now - last_status)
+                seen = self._report_status(seen, now - last_status)
                 last_status = now
 
     def _poll_children(self, timeout: float, starting: bool = False) -> None:
-        by_conn = {c.conn: c for c in self.children.values() if not c.conn.closed}
+        by_conn = {c.conn: c for c in self._children() if not c.conn.closed}
         for ready in wait(list(by_conn), timeout=timeout):
             child = by_conn[ready]  # type: ignore[index]
-            conn = child.conn
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                conn.close()
+            message = child.receive()
+            if message is None:
                 if starting and not child.ready:
-                    msg = f"{child.role} {child.label} exited during start-up (exit code {child.process.exitcode})"
-                    child.process.join(timeout=1)
+                    child.join(1)
+                    msg = f"{child.name} exited during start-up (exit code {child.exitcode})"
                     raise StartupError(msg) from None
                 continue
             self._on_child_message(child, message, starting)
 
-    def _on_child_message(self, child: Child, message: tuple[Any, ...], starting: bool) -> None:
-        kind = message[0]
-        if kind == "ready":
+    def _on_child_message(self, child: ChildProcess, message: Control, starting: bool) -> None:
+        if isinstance(message, Ready):
             child.ready = True
-        elif kind == "error" and starting:
-            raise StartupError(message[1])
-        elif kind == "error":
-            self.log.error("child failed", extra={"role": child.role, "worker": child.label, "error": message[1]})
+        elif isinstance(message, Failed) and starting:
+            raise StartupError(message.error)
+        elif isinstance(message, Failed):
+            self.log.error("child failed", extra={"role": child.role, "index": child.index, "error": message.error})
+        elif isinstance(message, WorkerReset) and message.worker in self.replacing:
+            self.replacing[message.worker].awaiting.discard(child.index)
 
-    def _restart_dead_workers(self) -> None:
-        for index in range(self.n_workers):
-            child = self.children["worker", index]
-            if child.process.exitcode is not None:
-                self._replace_worker(child)
+    # replacing dead workers, without ever blocking the loop ------------------------------
+    def _replace_dead_workers(self) -> None:
+        for index, child in enumerate(self.workers):
+            if index not in self.replacing and child.exitcode is not None:
+                self._begin_replacement(index, child)
+        now = time.monotonic()
+        for index, replacement in list(self.replacing.items()):
+            if not replacement.awaiting and now >= replacement.start_at:
+                del self.replacing[index]
+                self.workers[index] = self._start_worker(index)
 
-    def _replace_worker(self, child: Child) -> None:
-        index = child.index
-        exitcode = child.process.exitcode
-        mark_process_dead(child.process.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
+    def _begin_replacement(self, index: int, child: ChildProcess) -> None:
+        """Ask every ingest to write off the dead worker's queue; the replacement waits for all of them."""
+        if child.pid is not None:
+            mark_process_dead(child.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
         child.conn.close()
         self.restarts[str(index)] += 1
+        self.generations[index] += 1
         self.log.error(
             "worker died, restarting",
-            extra={"worker": index, "exitcode": exitcode, "restarts": self.restarts[str(index)]},
+            extra={"worker": index, "exitcode": child.exitcode, "restarts": self.restarts[str(index)]},
         )
-        ingest = self.children["ingest", 0]
-        ingest.conn.send(("worker_lost", index))
-        self._await_reset(ingest.conn, index)
-        time.sleep(self.backoff[index] if self.restarts[str(index)] > 1 else 0)
-        self.backoff[index] = min(_MAX_BACKOFF_S, self.backoff[index] * 2)
-        self._start_child("worker", index)
+        for ingest in self.ingests:
+            ingest.send(WorkerLost(index, self.generations[index]))
+        self.replacing[index] = Replacement(set(range(self.n_ingests)), self.policies[index].died())
 
-    def _await_reset(self, conn: Connection, index: int) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and conn.poll(deadline - time.monotonic()):
-            message = conn.recv()
-            if message == ("worker_reset", index):
-                return
-        self.log.warning("ingest did not acknowledge the worker reset in time", extra={"worker": index})
+    def _kill_stalled_workers(self, progress: Progress, now: float) -> None:
+        """A worker that holds a backlog and applies nothing for _STALL_S is killed, and so replaced."""
+        for index, child in enumerate(self.workers):
+            applied = self.ledger.applied_total(index)
+            if applied != progress.applied[index] or not self.ledger.backlog(index) or index in self.replacing:
+                progress.applied[index], progress.since[index] = applied, now
+            elif now - progress.since[index] > _STALL_S:
+                self.log.error(
+                    "worker stalled: backlog not moving; killing it",
+                    extra={
+                        "worker": index,
+                        "stalled_s": round(now - progress.since[index], 1),
+                        "backlog": self.ledger.backlog(index),
+                    },
+                )
+                child.kill()
+                progress.since[index] = now
 
-    def _healthy(self, progress: tuple[list[int], float]) -> bool:
-        if not all(self._alive("worker", i) for i in range(self.n_workers)):
-            return False
-        seen, since = progress
-        stalled = any(self.sent[i] > self.done[i] and self.done[i] == seen[i] for i in range(self.n_workers))
-        return not (stalled and time.monotonic() - since > _STALL_S)
-
-    def _report_status(self, progress: tuple[list[int], float], elapsed: float) -> tuple[list[int], float]:
-        seen, _ = progress
-        done = list(self.done[:])
-        rate = sum(d - s for d, s in zip(done, seen, strict=True)) / elapsed if elapsed > 0 else 0.0
-        up = sum(self._alive("worker", i) for i in range(self.n_workers))
-        backlog = sum(max(0, self.sent[i] - self.done[i]) for i in range(self.n_workers))
+    def _report_status(self, seen: list[int], elapsed: float) -> list[int]:
+        applied = [self.ledger.applied_total(w) for w in range(self.n_workers)]
+        rate = sum(a - s for a, s in zip(applied, seen, strict=True)) / elapsed if elapsed > 0 else 0.0
+        up = sum(self._worker_up(w) for w in range(self.n_workers))
+        backlog = sum(self.ledger.backlog(w) for w in range(self.n_workers))
         self.notifier.status(
             f"{rate:,.0f} ticks/s processed, backlog {backlog} ticks, {up}/{self.n_workers} workers up"
         )
-        return done, time.monotonic()
+        return applied
 
     # reload ---------------------------------------------------------------------------
     def handle_hup(self) -> None:
-        """Re-read the config; apply signals, batching and log level; keep the old one if it is bad."""
+        """Re-read the config; apply signals, batching and logging everywhere; keep the old one if it is bad."""
         if self.config_path is None:
             self.log.warning("SIGHUP ignored: running on the built-in config")
             return
@@ -337,8 +359,9 @@ class Supervisor:
             metrics=self.config.metrics,
             workers=self.config.workers,
         )
-        logging.getLogger().setLevel(self.config.log.level.upper())
-        self.children["ingest", 0].conn.send(("reconfigure", self.config))
+        apply_log_config(self.config.log)
+        for child in self._children():
+            child.send(Reload(self.config))
         self.reloads["success"] += 1
         self.log.info(
             "config reloaded", extra={"config_hash": self.config.digest(), "signals": len(self.config.signals)}
@@ -350,17 +373,14 @@ class Supervisor:
         """Stop intake, let in-flight batches finish, and stop within ``shutdown.graceful_timeout``."""
         self.notifier.stopping()
         deadline = time.monotonic() + self.config.shutdown.graceful_timeout_ns / 1e9
-        ingest = self.children.get(("ingest", 0))
-        if ingest is not None and ingest.process.is_alive():
-            with contextlib.suppress(OSError):
-                ingest.conn.send(("stop",))
-        for child in self.children.values():
-            child.process.join(max(0.0, deadline - time.monotonic()))
-        stragglers = [c for c in self.children.values() if c.process.is_alive()]
+        for ingest in self.ingests:
+            ingest.send(Stop())
+        for child in self._children():
+            child.join(deadline - time.monotonic())
+        stragglers = [c for c in self._children() if c.is_alive()]
         for child in stragglers:
-            self.log.warning("did not stop in time, killing", extra={"role": child.role, "worker": child.label})
-            child.process.kill()
-            child.process.join(2)
+            self.log.warning("did not stop in time, killing", extra={"role": child.role, "index": child.index})
+            child.kill()
         if stragglers:
             self.exit_code = self.exit_code or 1
         self.forwarder.stop()
@@ -371,10 +391,8 @@ class Supervisor:
 
     def abort(self) -> None:
         """Tear down after a failed start-up."""
-        for child in self.children.values():
-            if child.process.is_alive():
-                child.process.kill()
-                child.process.join(2)
+        for child in self._children():
+            child.kill()
         if hasattr(self, "http_server"):
             self.http_server.shutdown()
         if hasattr(self, "forwarder"):

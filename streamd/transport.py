@@ -1,33 +1,38 @@
-"""The internal wire between the ingest process and a worker: pure encode/decode functions.
+"""The internal wire between the ingest processes and the workers: pure encode/decode functions.
 
 A data batch is five frames: a small msgpack header, then the raw little-endian NumPy
 buffers of the slot, time, price and quantity columns. Columns move as buffers, never
-re-encoded per tick. Keys travel once per key lifetime: the ingest assigns each key a
+re-encoded per tick. Keys travel once per key lifetime: each ingest assigns each key a
 dense slot in its worker and announces ``[slot, key]`` pairs in the header of the first
-batch that carries the key (and again after the worker was restarted).
+batch that carries the key (and again after the worker was restarted). Slots are private
+to one (ingest, worker) pair, so the header names its ingest.
 
-Control messages (end of input, new signal definitions) travel in-band on the same
-socket, so they take effect exactly at a batch boundary.
+The header also carries the worker *generation* the batch was meant for: a batch queued
+for a worker that has since died is recognised and discarded by its replacement.
+
+End of input travels in-band on the same socket, after the ingest's last batch. Going
+the other way, a worker sends each ingest a one-frame *ack* after applying its batches:
+it wakes the ingest, whose flow control reads the applied counts from the ledger.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from streamd.config import SignalSpec
-
 _SLOT = np.dtype("<i8")
 _TIME = np.dtype("<i8")
 _FLOAT = np.dtype("<f8")
+_ACK = struct.Struct("<qq")
 
 
 @dataclass(frozen=True)
 class WorkerBatch:
-    """Ticks for one worker, in arrival order."""
+    """Ticks for one worker from one ingest, in arrival order."""
 
     slots: np.ndarray
     t: np.ndarray
@@ -35,20 +40,19 @@ class WorkerBatch:
     q: np.ndarray
     new_keys: list[tuple[int, str | int]]
     recv_ns: int  # wall clock when the oldest tick of the batch was received by the ingest
-    seq_start: int  # ticks handed to this worker before this batch (for loss accounting)
-
-
-@dataclass(frozen=True)
-class Reconfigure:
-    signals: tuple[SignalSpec, ...]
+    ingest: int  # which ingest sent it: slots and sequence numbers are per (ingest, worker)
+    generation: int  # the worker generation it was sent to
+    seq_start: int  # ticks this ingest handed to this worker before this batch (the ledger)
 
 
 @dataclass(frozen=True)
 class EndOfInput:
-    """The ingest has stopped intake; the worker drains and exits."""
+    """``ingest`` has stopped intake and sent its last batch."""
+
+    ingest: int
 
 
-Message = WorkerBatch | Reconfigure | EndOfInput
+Message = WorkerBatch | EndOfInput
 
 
 def encode_batch(batch: WorkerBatch) -> list[Any]:
@@ -56,6 +60,8 @@ def encode_batch(batch: WorkerBatch) -> list[Any]:
         "n": len(batch.t),
         "new": [list(pair) for pair in batch.new_keys],
         "recv_ns": batch.recv_ns,
+        "i": batch.ingest,
+        "g": batch.generation,
         "seq": batch.seq_start,
     }
     return [
@@ -67,30 +73,15 @@ def encode_batch(batch: WorkerBatch) -> list[Any]:
     ]
 
 
-def _spec_to_list(spec: SignalSpec) -> list[Any]:
-    return [spec.name, spec.window, spec.size, list(spec.stats), spec.emit_interval_ns, spec.publish]
-
-
-def _spec_from_list(item: list[Any]) -> SignalSpec:
-    name, window, size, stats, emit_interval_ns, publish = item
-    return SignalSpec(name, window, size, tuple(stats), emit_interval_ns, publish)
-
-
-def encode_reconfigure(signals: tuple[SignalSpec, ...]) -> list[bytes]:
-    return [msgpack.packb({"signals": [_spec_to_list(s) for s in signals]})]
-
-
-def encode_end_of_input() -> list[bytes]:
-    return [msgpack.packb({"eof": True})]
+def encode_end_of_input(ingest: int) -> list[bytes]:
+    return [msgpack.packb({"eof": ingest})]
 
 
 def decode(frames: list[Any]) -> Message:
     """Decode frames produced by the ``encode_*`` functions of this module."""
     header = msgpack.unpackb(frames[0], strict_map_key=False)
     if "eof" in header:
-        return EndOfInput()
-    if "signals" in header:
-        return Reconfigure(tuple(_spec_from_list(item) for item in header["signals"]))
+        return EndOfInput(header["eof"])
     n = header["n"]
     columns = [
         np.frombuffer(frame, dtype) for frame, dtype in zip(frames[1:], (_SLOT, _TIME, _FLOAT, _FLOAT), strict=True)
@@ -99,4 +90,16 @@ def decode(frames: list[Any]) -> Message:
         msg = f"worker batch header says {n} ticks, columns disagree"
         raise ValueError(msg)
     slots, t, p, q = columns
-    return WorkerBatch(slots, t, p, q, [(s, k) for s, k in header["new"]], header["recv_ns"], header["seq"])
+    new_keys = [(s, k) for s, k in header["new"]]
+    return WorkerBatch(slots, t, p, q, new_keys, header["recv_ns"], header["i"], header["g"], header["seq"])
+
+
+def encode_ack(worker: int, generation: int) -> bytes:
+    """worker -> ingest: "I applied what you sent me" (the counts are in the ledger)."""
+    return _ACK.pack(worker, generation)
+
+
+def decode_ack(frame: bytes) -> tuple[int, int]:
+    """``(worker, generation)`` of an ack."""
+    worker, generation = _ACK.unpack(frame)
+    return int(worker), int(generation)

@@ -1,14 +1,15 @@
 """Analytics worker process: applies tick batches to rolling windows and publishes signals.
 
-One worker per core. It binds a PULL socket that only the ingest process feeds, drains it
+One worker per core. It binds a PULL socket that every ingest process feeds, drains it
 without blocking after each wake-up, merges what it drained into one engine call (so a
-backlog is cleared in large, cheap batches), and publishes to the supervisor's forwarder,
-which fans every worker's signals out on the one public endpoint.
+backlog is cleared in large, cheap batches), publishes to the supervisor's forwarder, which
+fans every worker's signals out on the one public endpoint, and then acks each ingest it
+heard from, which is how an ingest knows the worker is free for its next batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import signal
 import sys
 import time
@@ -20,11 +21,13 @@ import numpy as np
 import zmq
 
 from streamd.config import Config, SignalSpec
-from streamd.logs import setup_logging
+from streamd.control import Failed, Ready, Reload, Stop
+from streamd.ledger import TickLedger
+from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
 from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.runtime import RuntimePaths, name_process
-from streamd.transport import EndOfInput, Reconfigure, WorkerBatch, decode
+from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
 from streamd.windows import Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
@@ -130,20 +133,78 @@ class SignalPublisher:
         self._published.inc(rows)
 
 
+class KeyTable:
+    """The worker's keys: a dense local index per key, and each ingest's slot -> local index.
+
+    Each ingest numbers the keys it sends here on its own, so the same key may arrive under
+    different slots from different ingests; all of them lead to the one local index that
+    the engine and the publishers use.
+    """
+
+    def __init__(self, ingests: int) -> None:
+        self.keys = np.empty(0, dtype=object)
+        self.count = 0
+        self._index: dict[str | int, int] = {}
+        self._by_ingest = [np.zeros(0, np.int64) for _ in range(ingests)]
+
+    def learn(self, ingest: int, announced: list[tuple[int, str | int]]) -> list[str | int]:
+        """Record an ingest's new ``(slot, key)`` pairs; return the keys this worker had never seen."""
+        if not announced:
+            return []
+        fresh: list[str | int] = []
+        table = self._by_ingest[ingest]
+        top = max(slot for slot, _ in announced) + 1
+        if top > len(table):
+            table = self._by_ingest[ingest] = np.concatenate(
+                [table, np.zeros(max(top, 2 * len(table)) - len(table), np.int64)]
+            )
+        for slot, key in announced:
+            local = self._index.get(key)
+            if local is None:
+                local = self._index[key] = self.count + len(fresh)
+                fresh.append(key)
+            table[slot] = local
+        if fresh:
+            self._append(fresh)
+        return fresh
+
+    def _append(self, fresh: list[str | int]) -> None:
+        needed = self.count + len(fresh)
+        if needed > len(self.keys):
+            grown = np.empty(max(needed, 2 * len(self.keys)), dtype=object)
+            grown[: self.count] = self.keys[: self.count]
+            self.keys = grown
+        self.keys[self.count : needed] = fresh
+        self.count = needed
+
+    def local(self, ingest: int, slots: np.ndarray) -> np.ndarray:
+        """Local key indices of an ingest's slots."""
+        local: np.ndarray = self._by_ingest[ingest][slots]
+        return local
+
+    def forget_ingest(self, ingest: int) -> None:
+        """A restarted ingest numbers its slots afresh."""
+        self._by_ingest[ingest] = np.zeros(0, np.int64)
+
+
 class Worker:
     """startup() -> main_loop() -> shutdown() for one analytics worker."""
 
-    def __init__(self, index: int, config: Config, paths: RuntimePaths, done: Any, conn: Connection) -> None:
+    def __init__(
+        self, index: int, generation: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection
+    ) -> None:
         self.index = index
+        self.generation = generation
         self.config = config
         self.paths = paths
-        self.done = done
+        self.ledger = ledger
         self.conn = conn
+        self.ingests = len(config.ingest.endpoints)
         self.log = setup_logging(config.log, f"worker{index}")
         self.metrics = WorkerMetrics(index)
         self.engine = Engine(config.signals)
-        self.keys = np.empty(0, dtype=object)
-        self.n_keys = 0
+        self.table = KeyTable(self.ingests)
+        self.ended: set[int] = set()
         self.running = True
 
     def startup(self) -> None:
@@ -152,13 +213,19 @@ class Worker:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, self.config.workers.queue_batches)
         self.pull.bind(self.paths.worker_endpoint(self.index))
+        self.acks = []
+        for ingest in range(self.ingests):
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.paths.ack_endpoint(ingest))
+            self.acks.append(sock)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, self.config.publish.sndhwm)
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]
         self.log.info("worker started", extra={"worker": self.index, "signals": len(self.config.signals)})
-        self.conn.send(("ready", self.index))
+        self.conn.send(Ready())
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
@@ -168,20 +235,27 @@ class Worker:
             poller.poll(self._poll_timeout_ms())
             self._drain()
             for publisher in self.publishers:
-                publisher.flush_due(self.keys)
-            if self.conn.poll():
-                self._on_control(self.conn.recv())
+                publisher.flush_due(self.table.keys)
+            self._on_control()
 
     def _poll_timeout_ms(self) -> int:
         intervals = [p.spec.emit_interval_ns for p in self.publishers if p.spec.emit_interval_ns]
         return max(1, min(intervals) // 1_000_000) if intervals else 100
 
-    def _on_control(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "stop":
+    def _on_control(self) -> None:
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                if isinstance(message, Stop):
+                    self.running = False
+                elif isinstance(message, Reload):
+                    self._reload(message.config)
+        except (EOFError, OSError):
+            self.log.error("supervisor is gone; worker exiting", extra={"worker": self.index})
             self.running = False
 
     def _drain(self) -> None:
-        """Receive everything queued (bounded), processing data between control messages."""
+        """Receive everything queued (bounded) and apply it as one engine call."""
         batches: list[WorkerBatch] = []
         for _ in range(_DRAIN_LIMIT):
             try:
@@ -189,50 +263,41 @@ class Worker:
             except zmq.Again:
                 break
             message = decode([frame.buffer for frame in frames])
-            if isinstance(message, WorkerBatch):
+            if isinstance(message, EndOfInput):
+                self.ended.add(message.ingest)
+                self.running = len(self.ended) < self.ingests
+            elif message.generation == self.generation:
                 batches.append(message)
-                continue
-            self._process(batches)
-            batches = []
-            if isinstance(message, Reconfigure):
-                self._reconfigure(message.signals)
-            elif isinstance(message, EndOfInput):
-                self.running = False
-                break
+            else:
+                self.metrics.stale_batches.inc()
         self._process(batches)
-
-    def _register_keys(self, batches: list[WorkerBatch]) -> None:
-        new = [pair for batch in batches for pair in batch.new_keys]
-        if not new:
-            return
-        top = max(slot for slot, _ in new) + 1
-        if top > len(self.keys):
-            grown = np.empty(max(top, 2 * len(self.keys)), dtype=object)
-            grown[: len(self.keys)] = self.keys
-            self.keys = grown
-        for slot, key in new:
-            self.keys[slot] = key
-        first_new = self.n_keys
-        self.n_keys = max(self.n_keys, top)
-        for publisher in self.publishers:
-            publisher.add_keys(self.keys[first_new : self.n_keys].tolist())
 
     def _process(self, batches: list[WorkerBatch]) -> None:
         if not batches:
             return
         started = time.perf_counter()
-        self._register_keys(batches)
+        fresh = [key for batch in batches for key in self.table.learn(batch.ingest, batch.new_keys)]
+        for publisher in self.publishers:
+            publisher.add_keys(fresh)
         slots, t, p, q = (
             np.concatenate(cols) if len(batches) > 1 else cols[0]
-            for cols in zip(*((b.slots, b.t, b.p, b.q) for b in batches), strict=True)
+            for cols in zip(*((self.table.local(b.ingest, b.slots), b.t, b.p, b.q) for b in batches), strict=True)
         )
         results, late = self.engine.process(slots, t, p, q)
         for publisher, result in zip(self.publishers, results, strict=True):
-            publisher.publish(result, self.keys)
+            publisher.publish(result, self.table.keys)
         now = time.time_ns()
-        last = batches[-1]
-        self.done[self.index] = last.seq_start + len(last.t)
+        self._ack(batches)
         self._record(batches, len(t), late, now, int(t.max()) if len(t) else now, started)
+
+    def _ack(self, batches: list[WorkerBatch]) -> None:
+        """Tell the ledger, then each ingest heard from, that its ticks are applied."""
+        newest = {batch.ingest: batch.seq_start + len(batch.t) for batch in batches}
+        ack = encode_ack(self.index, self.generation)
+        for ingest, upto in newest.items():
+            self.ledger.mark_applied(ingest, self.index, upto)
+            with contextlib.suppress(zmq.Again):
+                self.acks[ingest].send(ack, zmq.NOBLOCK)
 
     def _record(self, batches: list[WorkerBatch], ticks: int, late: int, now: int, newest: int, started: float) -> None:
         metrics = self.metrics
@@ -246,34 +311,41 @@ class Worker:
         metrics.state_bytes.set(self.engine.memory_bytes())
         metrics.busy.inc(time.perf_counter() - started)
 
-    def _reconfigure(self, signals: tuple[SignalSpec, ...]) -> None:
+    def _reload(self, config: Config) -> None:
+        """Apply reloaded signals and logging at a batch boundary (what was queued is applied first)."""
+        self._drain()
+        apply_log_config(config.log)
         for publisher in self.publishers:
-            publisher.flush_due(self.keys, everything=True)
-        self.engine.reconfigure(signals)
-        self.config = dataclasses.replace(self.config, signals=signals)
-        self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in signals]
+            publisher.flush_due(self.table.keys, everything=True)
+        self.engine.reconfigure(config.signals)
+        self.config = config
+        self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in config.signals]
         for publisher in self.publishers:
-            publisher.add_keys(self.keys[: self.n_keys].tolist())
-        self.log.info("signals reconfigured", extra={"worker": self.index, "signals": len(signals)})
+            publisher.add_keys(self.table.keys[: self.table.count].tolist())
+        self.log.info("signals reconfigured", extra={"worker": self.index, "signals": len(config.signals)})
 
     def shutdown(self) -> None:
         for publisher in self.publishers:
-            publisher.flush_due(self.keys, everything=True)
+            publisher.flush_due(self.table.keys, everything=True)
         self.pull.close(0)
+        for sock in self.acks:
+            sock.close(0)
         self.pub.close()
         self.ctx.term()
         self.log.info("worker stopped", extra={"worker": self.index})
 
 
-def worker_main(index: int, config: Config, paths: RuntimePaths, done: Any, conn: Connection) -> None:
+def worker_main(
+    index: int, generation: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection
+) -> None:
     """Entry point of a worker process (started with the ``spawn`` context)."""
     name_process(f"streamd-worker{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = Worker(index, config, paths, done, conn)
+    worker = Worker(index, generation, config, paths, ledger, conn)
     try:
         worker.startup()
     except zmq.ZMQError as exc:
-        conn.send(("error", f"worker {index}: cannot bind {paths.worker_endpoint(index)}: {exc}"))
+        conn.send(Failed(f"worker {index}: cannot bind {paths.worker_endpoint(index)}: {exc}"))
         sys.exit(1)
     worker.main_loop()
     worker.shutdown()

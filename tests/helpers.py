@@ -47,6 +47,7 @@ class Daemon:
     metrics_address: str
     config_path: Path
     log_path: Path
+    ingests: list[str] = field(default_factory=list)  # every input endpoint; ``ingest`` is the first
     ctx: zmq.Context[Any] = field(default_factory=zmq.Context)
 
     @property
@@ -89,7 +90,12 @@ class Daemon:
             last = samples
             return steady
 
-        self.wait_for(settled, timeout, "the pipeline to go idle with the accounting identity holding")
+        try:
+            self.wait_for(settled, timeout, "the pipeline to go idle with the accounting identity holding")
+        except AssertionError as exc:
+            books = {k: v for k, v in last.items() if k.startswith(("streamd_ticks_", "streamd_worker_backlog"))}
+            msg = f"{exc}\nlast scrape: {books}"
+            raise AssertionError(msg) from None
         return last
 
     def children(self) -> list[int]:
@@ -129,10 +135,13 @@ def accounting(samples: dict[str, float]) -> float:
     )
 
 
-def daemon_config(ingest: str, publish: str, metrics: str, workers: int, extra_toml: str, ingest_toml: str = "") -> str:
+def daemon_config(
+    ingest: str | list[str], publish: str, metrics: str, workers: int, extra_toml: str, ingest_toml: str = ""
+) -> str:
+    endpoints = ", ".join(f'"{e}"' for e in ([ingest] if isinstance(ingest, str) else ingest))
     return f"""
 [ingest]
-endpoints = ["{ingest}"]
+endpoints = [{endpoints}]
 {ingest_toml}
 [publish]
 endpoint = "{publish}"
@@ -170,17 +179,26 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
 
 @contextlib.contextmanager
 def running_daemon(
-    tmp_path: Path, *, workers: int = 2, extra_toml: str = "", ingest: str | None = None, ingest_toml: str = ""
+    tmp_path: Path,
+    *,
+    workers: int = 2,
+    extra_toml: str = "",
+    ingest: str | None = None,
+    ingest_toml: str = "",
+    ingests: int = 1,
 ) -> Iterator[Daemon]:
-    """Start ``streamd run`` on free ports, wait until it says it is ready, and always stop it."""
-    ingest = ingest or f"tcp://127.0.0.1:{free_port()}"
+    """Start ``streamd run`` on free ports (``ingests`` input endpoints), wait until ready, always stop it."""
+    endpoints = [ingest or f"tcp://127.0.0.1:{free_port()}"] + [
+        f"tcp://127.0.0.1:{free_port()}" for _ in range(ingests - 1)
+    ]
+    ingest = endpoints[0]
     publish = f"tcp://127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
     config_path = tmp_path / "streamd.toml"
-    config_path.write_text(daemon_config(ingest, publish, metrics, workers, extra_toml, ingest_toml))
+    config_path.write_text(daemon_config(endpoints, publish, metrics, workers, extra_toml, ingest_toml))
     log_path = tmp_path / "streamd.log"
     proc = start_daemon(config_path, log_path)
-    daemon = Daemon(proc, ingest, publish, metrics, config_path, log_path)
+    daemon = Daemon(proc, ingest, publish, metrics, config_path, log_path, endpoints)
     try:
         daemon.wait_for(lambda: READY_LINE in daemon.log(), 30, "the ready log line")
         yield daemon

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from streamd.config import SignalSpec
+from streamd.config import SignalSpec, load_config
 
 
 def _first(values: np.ndarray) -> float:
@@ -53,3 +57,28 @@ def expected_frame(t: np.ndarray, p: np.ndarray, q: np.ndarray, spec: SignalSpec
 
 def as_float(value: object) -> float:
     return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
+def check_records_against_pandas(records: list[dict[str, Any]], ticks: list[dict[str, Any]], config_path: Path) -> int:
+    """Every record equals pandas' value for its key at its event time; returns records checked."""
+    specs = {s.name: s for s in load_config(config_path).signals}
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for tick in ticks:
+        by_key[tick["k"]].append(tick)
+    frames = {}
+    checked = 0
+    for record in records:
+        spec = specs[record["signal"]]
+        key = record["k"]
+        if (spec.name, key) not in frames:
+            own = by_key[key]
+            t = np.array([x["t"] for x in own], np.int64)
+            frames[spec.name, key] = (t, expected_frame(t, [x["p"] for x in own], [x["q"] for x in own], spec))
+        t, frame = frames[spec.name, key]
+        row = int(np.searchsorted(t, record["t"]))
+        assert t[row] == record["t"], f"record time {record['t']} is not a tick of {key}"
+        for stat in spec.stats:
+            got, want = as_float(record[stat]), float(frame[stat].iloc[row])
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{spec.name}.{key}.{stat} row {row}")
+        checked += 1
+    return checked

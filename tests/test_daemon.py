@@ -16,10 +16,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from streamd.config import load_config
 from streamd.protocol import encode_columnar_bin
 from tests.helpers import Subscriber, accounting, feed, free_port, make_ticks, running_daemon
-from tests.oracle import as_float, expected_frame
+from tests.oracle import check_records_against_pandas
 
 SIGNALS = """
 [[signal]]
@@ -68,31 +67,6 @@ def payloads_in_every_shape(ticks: list[dict[str, Any]]) -> list[bytes]:
                 )
             )
     return payloads
-
-
-def check_records_against_pandas(records: list[dict[str, Any]], ticks: list[dict[str, Any]], config_path: Path) -> int:
-    """Every record equals pandas' value for its key at its event time; returns records checked."""
-    specs = {s.name: s for s in load_config(config_path).signals}
-    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for tick in ticks:
-        by_key[tick["k"]].append(tick)
-    frames = {}
-    checked = 0
-    for record in records:
-        spec = specs[record["signal"]]
-        key = record["k"]
-        if (spec.name, key) not in frames:
-            own = by_key[key]
-            t = np.array([x["t"] for x in own], np.int64)
-            frames[spec.name, key] = (t, expected_frame(t, [x["p"] for x in own], [x["q"] for x in own], spec))
-        t, frame = frames[spec.name, key]
-        row = int(np.searchsorted(t, record["t"]))
-        assert t[row] == record["t"], f"record time {record['t']} is not a tick of {key}"
-        for stat in spec.stats:
-            got, want = as_float(record[stat]), float(frame[stat].iloc[row])
-            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{spec.name}.{key}.{stat} row {row}")
-        checked += 1
-    return checked
 
 
 def test_every_payload_shape_matches_pandas(tmp_path: Path) -> None:

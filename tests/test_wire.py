@@ -10,17 +10,16 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamd.config import DEFAULT_SIGNALS
 from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.sharding import shard_for
 from streamd.transport import (
     EndOfInput,
-    Reconfigure,
     WorkerBatch,
     decode,
+    decode_ack,
+    encode_ack,
     encode_batch,
     encode_end_of_input,
-    encode_reconfigure,
 )
 
 keys = st.one_of(st.text(max_size=20), st.integers(min_value=-(2**63), max_value=2**63 - 1))
@@ -53,6 +52,8 @@ def test_worker_batch_round_trips_exactly() -> None:
         q=np.array([0.0, 1.0, 2.0]),
         new_keys=[(0, "A"), (1, 2**40)],
         recv_ns=123,
+        ingest=3,
+        generation=7,
         seq_start=456,
     )
     frames = [bytes(f) for f in encode_batch(batch)]
@@ -60,15 +61,19 @@ def test_worker_batch_round_trips_exactly() -> None:
     assert isinstance(back, WorkerBatch)
     for name in ("slots", "t", "p", "q"):
         np.testing.assert_array_equal(getattr(back, name), getattr(batch, name))
-    assert (back.new_keys, back.recv_ns, back.seq_start) == (batch.new_keys, 123, 456)
+    assert (back.new_keys, back.recv_ns, back.ingest, back.generation, back.seq_start) == (
+        batch.new_keys,
+        123,
+        3,
+        7,
+        456,
+    )
 
 
-def test_control_messages_round_trip() -> None:
-    """Reconfigure carries the signal specs; end-of-input is recognised."""
-    assert isinstance(decode(encode_end_of_input()), EndOfInput)
-    message = decode(encode_reconfigure(DEFAULT_SIGNALS))
-    assert isinstance(message, Reconfigure)
-    assert message.signals == DEFAULT_SIGNALS
+def test_end_of_input_and_acks_round_trip() -> None:
+    """End of input names its ingest; an ack names its worker and generation."""
+    assert decode(encode_end_of_input(2)) == EndOfInput(2)
+    assert decode_ack(encode_ack(5, 2**40)) == (5, 2**40)
 
 
 def test_records_carry_topic_key_and_nil_for_undefined() -> None:

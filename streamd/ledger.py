@@ -1,0 +1,58 @@
+"""The tick ledger: ticks each ingest handed each worker, and ticks that worker has applied.
+
+Two shared-memory arrays of int64, one cell per (ingest, worker) pair. Each cell has one writer:
+``handed`` only by its ingest, ``applied`` only by its worker (or by the ingest writing off a
+dead worker, while no worker is running in that slot). From them come the backlog that /metrics
+reports, the ingest's flow control (a worker is idle for an ingest when it has applied all it
+was handed) and the ``worker_lost`` count when a worker dies.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.context import SpawnContext
+from typing import Any
+
+
+class TickLedger:
+    """Per (ingest, worker) counters of ticks handed over and ticks applied."""
+
+    def __init__(self, ingests: int, workers: int, mp: SpawnContext) -> None:
+        self.ingests = ingests
+        self.workers = workers
+        self._handed: Any = mp.Array("q", ingests * workers, lock=False)
+        self._applied: Any = mp.Array("q", ingests * workers, lock=False)
+
+    def _cell(self, ingest: int, worker: int) -> int:
+        return ingest * self.workers + worker
+
+    def handed(self, ingest: int, worker: int) -> int:
+        """Ticks ``ingest`` has handed to ``worker`` since start: the sequence number of its next tick."""
+        return int(self._handed[self._cell(ingest, worker)])
+
+    def hand_over(self, ingest: int, worker: int, ticks: int) -> None:
+        self._handed[self._cell(ingest, worker)] += ticks
+
+    def applied(self, ingest: int, worker: int) -> int:
+        return int(self._applied[self._cell(ingest, worker)])
+
+    def mark_applied(self, ingest: int, worker: int, upto: int) -> None:
+        """The worker has applied every tick of ``ingest`` before sequence number ``upto``."""
+        self._applied[self._cell(ingest, worker)] = upto
+
+    def in_flight(self, ingest: int, worker: int) -> int:
+        cell = self._cell(ingest, worker)
+        return int(self._handed[cell] - self._applied[cell])
+
+    def write_off(self, ingest: int, worker: int) -> int:
+        """Close the books of a dead worker for ``ingest``: return the ticks it never applied."""
+        cell = self._cell(ingest, worker)
+        lost = int(self._handed[cell] - self._applied[cell])
+        self._applied[cell] = self._handed[cell]
+        return max(0, lost)
+
+    def backlog(self, worker: int) -> int:
+        """Ticks handed to ``worker`` by any ingest and not applied yet."""
+        return sum(max(0, self.in_flight(ingest, worker)) for ingest in range(self.ingests))
+
+    def applied_total(self, worker: int) -> int:
+        return sum(self.applied(ingest, worker) for ingest in range(self.ingests))
