@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only engine,daemon,latency,scaling]``: run, print, save, update docs."""
+"""``python -m bench [--quick] [--only engine,daemon,latency,scaling,decode]``: run, print, save, update docs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.report import RESULTS_DIR, Table, machine, machine_line, print_tables, save, update_docs
 
-SECTIONS = ("engine", "daemon", "latency", "scaling")
+SECTIONS = ("engine", "daemon", "latency", "scaling", "decode")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

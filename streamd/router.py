@@ -3,15 +3,25 @@
 The owning worker comes from :func:`streamd.sharding.shard_for`, computed once per key and cached.
 Slots are dense per worker and assigned on first sight, so that only small integers travel to the
 worker with each tick; the key itself travels once, announced in the first batch that carries it.
+
+Per flush, the ingest passes :attr:`KeyRouter.codes` to :func:`streamd.protocol.decode_payloads`,
+which looks every key up while it validates it, then hands the result to :meth:`KeyRouter.split`:
+a known key is looked up once per tick, in the decoder, and never again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import compress, pairwise, repeat
+from typing import NamedTuple
 
 import numpy as np
 
+from streamd.protocol import DecodedTicks, Float64Array, Int64Array
 from streamd.sharding import shard_for
+
+# Up to this many workers, one boolean mask per worker beats a stable sort by worker.
+_MAX_WORKERS_BY_MASK = 4
 
 
 @dataclass
@@ -24,28 +34,81 @@ class Outbox:
     new_keys: list[tuple[int, str | int]] = field(default_factory=list)
 
 
+class WorkerTicks(NamedTuple):
+    """One worker's share of a flush, in arrival order: its slots and the tick columns."""
+
+    slots: Int64Array
+    t: Int64Array
+    p: Float64Array
+    q: Float64Array
+
+
 class KeyRouter:
-    """Maps each key to (worker, slot): slots are dense per worker and assigned on first sight."""
+    """Maps each key to (worker, slot): slots are dense per worker and assigned on first sight.
+
+    ``codes`` maps every key routed so far to ``slot * workers + worker``. It only ever holds
+    keys that passed the key rule, so the decoder may take it as its ``known`` keys. The dict
+    object stays the same for the router's lifetime.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.codes: dict[str | int, int] = {}
         self.next_slot = [0] * workers
 
-    def route(self, keys: list[str | int], outboxes: list[Outbox]) -> np.ndarray:
+    def route(self, keys: list[str | int], outboxes: list[Outbox]) -> Int64Array:
         """Codes ``slot * workers + worker`` per tick; announces new keys in ``outboxes``."""
-        codes = list(map(self.codes.get, keys))
-        if None in codes:
-            for key in dict.fromkeys(k for k, c in zip(keys, codes, strict=True) if c is None):
-                worker = shard_for(key, self.workers)
-                slot = self.next_slot[worker]
-                self.next_slot[worker] += 1
-                self.codes[key] = slot * self.workers + worker
-                outboxes[worker].new_keys.append((slot, key))
-            codes = list(map(self.codes.__getitem__, keys))
-        return np.array(codes, dtype=np.int64)
+        return self._complete(np.full(len(keys), -1, dtype=np.int64), keys, outboxes)
+
+    def split(self, decoded: DecodedTicks, outboxes: list[Outbox]) -> list[WorkerTicks]:
+        """Each worker's ticks of a decoded flush, in arrival order; announces new keys in ``outboxes``.
+
+        ``decoded`` must come from ``decode_payloads(payloads, router.codes)`` (or without
+        ``known``), with no :meth:`forget_worker` in between.
+        """
+        codes = self._complete(decoded.codes, decoded.keys, outboxes)
+        if self.workers == 1:
+            return [WorkerTicks(codes, decoded.t, decoded.p, decoded.q)]
+        workers = codes % self.workers
+        slots = codes // self.workers
+        return [
+            WorkerTicks(slots[mine], decoded.t[mine], decoded.p[mine], decoded.q[mine])
+            for mine in self._ticks_by_worker(workers)
+        ]
 
     def forget_worker(self, worker: int) -> None:
         """A restarted worker starts empty: its keys are announced again on next sight."""
-        self.codes = {k: c for k, c in self.codes.items() if c % self.workers != worker}
+        for key in [k for k, c in self.codes.items() if c % self.workers == worker]:
+            del self.codes[key]
         self.next_slot[worker] = 0
+
+    def _complete(self, codes: Int64Array, keys: list[str | int], outboxes: list[Outbox]) -> Int64Array:
+        """``codes`` with the -1 of keys not routed before replaced by new codes."""
+        missing = np.flatnonzero(codes < 0)
+        if not len(missing):
+            return codes
+        keys = list(map(keys.__getitem__, missing.tolist()))
+        found = np.fromiter(map(self.codes.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        unseen = found < 0
+        if unseen.any():
+            for key in dict.fromkeys(compress(keys, unseen.tolist())):
+                self._assign(key, outboxes)
+            found = np.fromiter(map(self.codes.__getitem__, keys), dtype=np.int64, count=len(keys))
+        codes = codes.copy()
+        codes[missing] = found
+        return codes
+
+    def _assign(self, key: str | int, outboxes: list[Outbox]) -> None:
+        worker = shard_for(key, self.workers)
+        slot = self.next_slot[worker]
+        self.next_slot[worker] += 1
+        self.codes[key] = slot * self.workers + worker
+        outboxes[worker].new_keys.append((slot, key))
+
+    def _ticks_by_worker(self, workers: Int64Array) -> list[Int64Array]:
+        """Per worker, the indices of its ticks in arrival order."""
+        if self.workers <= _MAX_WORKERS_BY_MASK:
+            return [np.flatnonzero(workers == worker) for worker in range(self.workers)]
+        order = np.argsort(workers.astype(np.uint16), kind="stable")
+        bounds = np.searchsorted(workers[order], np.arange(self.workers + 1)).tolist()
+        return [order[start:end] for start, end in pairwise(bounds)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -423,3 +424,183 @@ class TestProperties:
         result = decode_payloads(payloads)
         assert ticks(result) == [(k, t, float(p), float(q)) for k, t, p, q in rows]
         assert result.tick_drops == {} and result.message_drops == {}
+
+
+# --- oracle -----------------------------------------------------------------------------------
+
+UNPACK_OPTIONS: dict[str, Any] = {"raw": False, "strict_map_key": False, "unicode_errors": "surrogateescape"}
+
+
+def reference_decode(payloads: list[bytes]) -> dict[str, Any]:
+    """A per-payload, per-tick reading of docs/protocol.md: slow and plain, the oracle for the decoder."""
+    out: dict[str, Any] = {"ticks": [], "received": 0, "tick_drops": {}, "message_drops": {}}
+
+    def drop(kind: str, reason: str) -> None:
+        out[kind][reason] = out[kind].get(reason, 0) + 1
+
+    for payload in payloads:
+        try:
+            obj = msgpack.unpackb(payload, **UNPACK_OPTIONS)
+        except Exception:
+            drop("message_drops", "malformed")
+            continue
+        if type(obj) is dict and type(obj.get("k")) is list:
+            rows = reference_columnar_rows(obj)
+            if rows is None:
+                drop("message_drops", "bad_shape")
+                continue
+            elements: list[Any] = rows
+        elif type(obj) is dict:
+            elements = [obj]
+        elif type(obj) is list:
+            elements = obj if obj and type(obj[0]) in (dict, list) else [obj] if obj else []
+        else:
+            drop("message_drops", "bad_shape")
+            continue
+        out["received"] += len(elements)
+        for element in elements:
+            reason, tick = reference_tick(element)
+            if reason:
+                drop("tick_drops", reason)
+            else:
+                out["ticks"].append(tick)
+    return out
+
+
+def reference_columnar_rows(obj: dict[Any, Any]) -> list[dict[str, Any]] | None:
+    n = len(obj["k"])
+    columns: dict[str, list[Any]] = {"k": obj["k"]}
+    for name, wire in (("t", "<i8"), ("p", "<f8"), ("q", "<f8")):
+        value = obj.get(name)
+        if value is None and name == "q":
+            columns[name] = [None] * n
+        elif type(value) is list and len(value) == n:
+            columns[name] = value
+        elif type(value) is bytes and len(value) == 8 * n:
+            columns[name] = np.frombuffer(value, wire).tolist()
+        else:
+            return None
+    return [{name: columns[name][i] for name in "ktpq"} for i in range(n)]
+
+
+def reference_tick(element: Any) -> tuple[str, tuple[Any, int, float, float] | None]:
+    if type(element) is dict and all(f in element for f in "ktp"):
+        k, t, p, q = element["k"], element["t"], element["p"], element.get("q")
+    elif type(element) is list and len(element) in (3, 4):
+        k, t, p, q = (*element, None) if len(element) == 3 else element
+    else:
+        return "bad_tick", None
+    if not reference_key_ok(k):
+        return "bad_key", None
+    if not (type(t) is int and 0 <= t < 2**63):
+        return "bad_time", None
+    price = reference_number(p)
+    if price is None:
+        return "bad_price", None
+    qty = 0.0 if q is None else reference_number(q)
+    if qty is None or qty < 0:
+        return "bad_qty", None
+    return "", (k, t, price, qty)
+
+
+def reference_key_ok(key: Any) -> bool:
+    if type(key) is int:
+        return -(2**63) <= key < 2**63
+    if type(key) is not str or "\x00" in key:
+        return False
+    try:
+        return len(key.encode()) <= 256
+    except UnicodeEncodeError:
+        return False
+
+
+def reference_number(value: Any) -> float | None:
+    if type(value) not in (int, float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+KEY_POOL = ["K0", "K1", "K2", "é", "", 1, 2, -(2**63), True, 1.0, None, "x" * 257, "a\x00"]
+
+
+@st.composite
+def wide_columnar(draw: st.DrawFn) -> bytes:
+    """A columnar batch big enough for the column reader, mostly 9-byte numbers, with drawn defects."""
+    n = draw(st.integers(120, 260))
+    columns: dict[Any, Any] = {
+        "k": [KEY_POOL[i % 3] for i in range(n)],
+        "t": [T0 + i for i in range(n)],
+        "p": [100.25 + i for i in range(n)],
+        "q": [float(i % 5) for i in range(n)],
+    }
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from("ktpq"))
+        value = draw(
+            {"k": st.sampled_from(KEY_POOL), "t": times_st, "p": numbers_st, "q": numbers_st}[name]
+            | st.floats()
+            | st.integers(2**63, 2**64 - 1)
+            | st.integers(-(2**63), -(2**32))
+        )
+        columns[name][draw(st.integers(0, n - 1))] = value
+    change = draw(st.sampled_from(["none", "none", "no_q", "short_t", "bin_t", "bin_p", "extra", "tail", "no_p"]))
+    if change == "no_q":
+        del columns["q"]
+    elif change == "short_t":
+        columns["t"] = columns["t"][:-1]
+    elif change == "bin_t":
+        columns["t"] = np.arange(T0, T0 + n, dtype="<i8").tobytes()
+    elif change == "bin_p":
+        columns["p"] = np.linspace(-1.0, 1.0, n).astype("<f8").tobytes()
+    elif change == "extra":
+        columns["x"] = [1, {"y": 2.5}]
+    elif change == "no_p":
+        del columns["p"]
+    packed = pack(columns)
+    return packed + b"\xc0" if change == "tail" else packed
+
+
+class TestOracle:
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        st.lists(st.one_of(payload(), wide_columnar()), max_size=8),
+        st.dictionaries(st.sampled_from(["K0", "K1", "é", "", 1, 2, -(2**63)]), st.integers(0, 2**40)),
+    )
+    def test_decoder_matches_reference(self, payloads: list[bytes], known: dict[Any, int]) -> None:
+        """Random valid/invalid mixes decode and count exactly as the per-tick reference does."""
+        result = decode_payloads(payloads, known)
+        expected = reference_decode(payloads)
+        assert_accounting(result)
+        assert [(type(k), k, t, p, q) for k, t, p, q in ticks(result)] == [
+            (type(k), k, t, p, q) for k, t, p, q in expected["ticks"]
+        ]
+        assert result.received == expected["received"]
+        assert result.tick_drops == expected["tick_drops"]
+        assert result.message_drops == expected["message_drops"]
+        assert result.codes.tolist() == [known.get(k, -1) for k in result.keys]
+
+    def test_known_int_key_is_not_found_by_bool_or_float(self) -> None:
+        """True and 1.0 equal the int key 1 in a dict, yet are bad keys, not key 1."""
+        result = decode_one({"k": [1, True, 1.0, "1"], "t": [1] * 4, "p": [1.0] * 4})
+        assert result.keys == [1, "1"] and result.tick_drops == {"bad_key": 2}
+        known_result = decode_payloads([pack({"k": [1, True, 1.0, "1"], "t": [1] * 4, "p": [1.0] * 4})], {1: 7})
+        assert known_result.keys == [1, "1"] and known_result.tick_drops == {"bad_key": 2}
+        assert known_result.codes.tolist() == [7, -1]
+
+    def test_wide_columns_read_in_place_exactly(self) -> None:
+        """A large list-column batch of 9-byte numbers decodes exactly, bad values dropped by reason."""
+        n = 200
+        t = [T0 + i for i in range(n)]
+        t[3], t[5] = 2**64 - 1, -(2**40)
+        p = [0.5 * i for i in range(n)]
+        p[7] = float("nan")
+        q = [1.0] * n
+        q[9] = -1.0
+        result = decode_payloads([pack({"k": [f"K{i}" for i in range(n)], "t": t, "p": p, "q": q})], {"K1": 3})
+        assert result.tick_drops == {"bad_time": 2, "bad_price": 1, "bad_qty": 1}
+        assert result.t.tolist() == [v for i, v in enumerate(t) if i not in (3, 5, 7, 9)]
+        assert result.p.tolist() == [v for i, v in enumerate(p) if i not in (3, 5, 7, 9)]
+        assert result.codes.tolist()[:2] == [-1, 3]
