@@ -140,7 +140,7 @@ class Ingest:
             self._dispatch()
 
     def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
-        decoded = decode_payloads(payloads)
+        decoded = decode_payloads(payloads, self.router.codes)
         metrics = self.metrics
         metrics.messages_received.inc(len(payloads))
         metrics.bytes_received.inc(size)
@@ -155,18 +155,9 @@ class Ingest:
             self._route(decoded, recv_ns)
 
     def _route(self, decoded: DecodedTicks, recv_ns: int) -> None:
-        codes = self.router.route(decoded.keys, self.outboxes)
-        if self.workers == 1:
-            self._buffer(0, codes, decoded.t, decoded.p, decoded.q, recv_ns)
-            return
-        workers = codes % self.workers
-        slots = codes // self.workers
-        order = np.argsort(workers, kind="stable")
-        bounds = np.searchsorted(workers[order], np.arange(self.workers + 1))
-        for worker in range(self.workers):
-            part = order[bounds[worker] : bounds[worker + 1]]
-            if len(part):
-                self._buffer(worker, slots[part], decoded.t[part], decoded.p[part], decoded.q[part], recv_ns)
+        for worker, part in enumerate(self.router.split(decoded, self.outboxes)):
+            if len(part.t):
+                self._buffer(worker, *part, recv_ns)
 
     def _buffer(
         self, worker: int, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray, recv_ns: int
@@ -278,7 +269,9 @@ class Ingest:
 
         Closing the PUSH socket with linger 0 discards batches still queued for the dead
         process, and any that slipped through carry the old generation, which the replacement
-        discards: the ledger's write-off is exactly what was lost.
+        discards: the ledger's write-off is exactly what was lost. Ticks still buffered here
+        were never handed over; they go to the replacement, after every key of the worker is
+        announced to it again.
         """
         self.outputs[worker].close(0)
         self.outputs[worker] = self._open_output(worker)
@@ -286,10 +279,10 @@ class Ingest:
         lost = self.ledger.write_off(self.index, worker)
         if lost:
             self.metrics.ticks_dropped.labels("worker_lost").inc(lost)
-        self.router.forget_worker(worker)
-        self.outboxes[worker] = Outbox()
+        self.outboxes[worker].new_keys = self.router.announcement(worker)
         self.log.warning("worker lost, its queue was reset", extra={"worker": worker, "lost_ticks": lost})
         self.conn.send(WorkerReset(worker, lost))
+        self._dispatch()
 
     def _reload(self, config: Config) -> None:
         self.config = config

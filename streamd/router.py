@@ -64,7 +64,7 @@ class KeyRouter:
         """Each worker's ticks of a decoded flush, in arrival order; announces new keys in ``outboxes``.
 
         ``decoded`` must come from ``decode_payloads(payloads, router.codes)`` (or without
-        ``known``), with no :meth:`forget_worker` in between.
+        ``known``).
         """
         codes = self._complete(decoded.codes, decoded.keys, outboxes)
         if self.workers == 1:
@@ -76,11 +76,14 @@ class KeyRouter:
             for mine in self._ticks_by_worker(workers)
         ]
 
-    def forget_worker(self, worker: int) -> None:
-        """A restarted worker starts empty: its keys are announced again on next sight."""
-        for key in [k for k, c in self.codes.items() if c % self.workers == worker]:
-            del self.codes[key]
-        self.next_slot[worker] = 0
+    def announcement(self, worker: int) -> list[tuple[int, str | int]]:
+        """Every ``(slot, key)`` of ``worker``: what its replacement must be told before any tick.
+
+        Announcing all of them at once keeps the slots (and the ticks already buffered under
+        them) valid across a worker restart. It runs once per restart, over the whole cache.
+        """
+        workers = self.workers
+        return [(code // workers, key) for key, code in self.codes.items() if code % workers == worker]
 
     def _complete(self, codes: Int64Array, keys: list[str | int], outboxes: list[Outbox]) -> Int64Array:
         """``codes`` with the -1 of keys not routed before replaced by new codes."""

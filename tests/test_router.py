@@ -65,17 +65,16 @@ class TestSplit:
             assert np.all(np.diff(part.t) > 0)
 
 
-class TestForget:
-    def test_forget_worker_reannounces_and_keeps_the_dict(self) -> None:
-        """A forgotten worker's keys get slots from 0 again and are announced again; others stay."""
+class TestAnnouncement:
+    def test_announcement_names_every_key_of_a_worker_under_its_slot(self) -> None:
+        """After a worker restart its keys keep their slots and are all announced; others are untouched."""
         router = KeyRouter(2)
-        codes = router.codes
         keys = [f"K{i}" for i in range(20)]
-        router.route(keys, [Outbox(), Outbox()])
-        lost = [k for k in keys if shard_for(k, 2) == 0]
-        router.forget_worker(0)
-        assert router.codes is codes and set(codes) == set(keys) - set(lost)
-        outboxes = [Outbox(), Outbox()]
-        router.route(keys, outboxes)
-        assert outboxes[0].new_keys == [(slot, key) for slot, key in enumerate(lost)]
-        assert outboxes[1].new_keys == []
+        first = [Outbox(), Outbox()]
+        router.route(keys, first)
+        assert sorted(router.announcement(0)) == sorted(first[0].new_keys)
+        assert sorted(router.announcement(1)) == sorted(first[1].new_keys)
+        assert {k for _, k in router.announcement(0)} == {k for k in keys if shard_for(k, 2) == 0}
+        again = [Outbox(), Outbox()]
+        router.route(keys, again)
+        assert again[0].new_keys == again[1].new_keys == []
