@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamd.config import DEFAULT_SIGNALS, EWMA_STATS, WINDOW_STATS, SignalSpec
-from streamd.windows import Engine, SignalResult
+from streamd.windows import KERNEL, Engine, SignalResult, _EwmaState, _RingWindowState
 
 RTOL, ATOL = 1e-9, 1e-12
+# Engine(use_kernel=...) for each path: every batch through NumPy, or through the compiled kernel.
+PATHS = {"numpy": False, "kernel": True}
 Stream = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]
 
 
@@ -111,9 +114,9 @@ def tick_streams(draw: st.DrawFn) -> Stream:
     return slots, t, p, q, cuts
 
 
-def run_oracle(specs: list[SignalSpec], stream: Stream) -> None:
+def run_oracle(specs: list[SignalSpec], stream: Stream, path: str) -> None:
     slots, t, p, q, cuts = stream
-    engine, book = Engine(specs), AcceptedTicks()
+    engine, book = Engine(specs, use_kernel=PATHS[path]), AcceptedTicks()
     for part in np.split(np.arange(slots.size), cuts):
         results, late = engine.process(slots[part], t[part], p[part], q[part])
         touched, expected_late = book.feed(slots[part], t[part], p[part], q[part])
@@ -126,34 +129,114 @@ ORACLE_SETTINGS = settings(max_examples=70, deadline=None, suppress_health_check
 
 
 class TestOracle:
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), width=st.sampled_from([1, 3, 10, 45, 200]))
-    def test_time_window_matches_pandas(self, stream: tuple, width: int) -> None:
+    def test_time_window_matches_pandas(self, path: str, stream: tuple, width: int) -> None:
         """Every stat of a time window equals pandas rolling('Wns') at each key's newest tick."""
-        run_oracle([SignalSpec("tw", "time", width, WINDOW_STATS)], stream)
+        run_oracle([SignalSpec("tw", "time", width, WINDOW_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), length=st.sampled_from([1, 2, 3, 7, 50]))
-    def test_count_window_matches_pandas(self, stream: tuple, length: int) -> None:
+    def test_count_window_matches_pandas(self, path: str, stream: tuple, length: int) -> None:
         """Every stat of a count window equals pandas rolling(N, min_periods=1)."""
-        run_oracle([SignalSpec("cw", "count", length, WINDOW_STATS)], stream)
+        run_oracle([SignalSpec("cw", "count", length, WINDOW_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), half_life=st.sampled_from([1, 5, 33, 1000]))
-    def test_ewma_matches_pandas_and_exact_sum(self, stream: tuple, half_life: int) -> None:
+    def test_ewma_matches_pandas_and_exact_sum(self, path: str, stream: tuple, half_life: int) -> None:
         """EWMA equals pandas ewm(halflife, times) and an fsum over int64-gap weights (1e-12)."""
-        run_oracle([SignalSpec("ew", "ewma", half_life, EWMA_STATS)], stream)
+        run_oracle([SignalSpec("ew", "ewma", half_life, EWMA_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams())
-    def test_signals_together_with_stat_subsets(self, stream: tuple) -> None:
+    def test_signals_together_with_stat_subsets(self, path: str, stream: tuple) -> None:
         """Several signals with partial stat lists run side by side on one engine."""
         specs = [
             SignalSpec("a", "time", 20, ("min", "zscore")),
             SignalSpec("b", "count", 4, ("vwap", "last")),
             SignalSpec("c", "ewma", 10, EWMA_STATS),
         ]
-        run_oracle(specs, stream)
+        run_oracle(specs, stream, path)
+
+
+def assert_same_results(reference: list[SignalResult], other: list[SignalResult], where: str) -> None:
+    """Same keys and times; every stat equal within 1e-12 relative (undefined where undefined)."""
+    for ref, got in zip(reference, other, strict=True):
+        assert got.slots.tolist() == ref.slots.tolist(), where
+        assert got.t.tolist() == ref.t.tolist(), where
+        assert list(got.stats) == list(ref.stats), where
+        for stat, values in ref.stats.items():
+            np.testing.assert_allclose(got.stats[stat], values, rtol=1e-12, atol=1e-300, err_msg=f"{where} {stat}")
+
+
+def assert_same_state(reference: Engine, other: Engine, where: str) -> None:
+    """Identical integer state and live ticks; running sums within 1e-12 of each other."""
+    np.testing.assert_array_equal(other._last_t, reference._last_t, err_msg=where)
+    assert other.n_keys == reference.n_keys, where
+    for ref, got in zip(reference._states, other._states, strict=True):
+        if isinstance(ref, _EwmaState):
+            assert isinstance(got, _EwmaState)
+            np.testing.assert_array_equal(got.t_last, ref.t_last, err_msg=where)
+            np.testing.assert_allclose(got.num, ref.num, rtol=1e-12, err_msg=where)
+            np.testing.assert_allclose(got.den, ref.den, rtol=1e-12, err_msg=where)
+            continue
+        assert isinstance(got, _RingWindowState)
+        np.testing.assert_array_equal(got.ints, ref.ints, err_msg=where)
+        np.testing.assert_allclose(got.floats, ref.floats, rtol=1e-12, atol=1e-9, err_msg=where)
+        assert (got.pool.used, got.live) == (ref.pool.used, ref.live), where
+        for key in (ref.ints[:, 1] > 0).nonzero()[0].tolist():
+            off, cap, head, split, end = ref.ints[key].tolist()
+            live = off + (np.arange(head, end) & (cap - 1))
+            front = off + (np.arange(head, min(split, end)) & (cap - 1))
+            for name, column in ref.pool.columns.items():
+                positions = front if name.startswith("front") else live
+                np.testing.assert_array_equal(got.pool.columns[name][positions], column[positions], err_msg=where)
+
+
+class TestKernel:
+    def test_kernel_is_built(self) -> None:
+        """The compiled kernel is importable (pip install -e . builds it)."""
+        assert KERNEL is not None, "streamd/_kernel.c is not built: run `pip install -e .`"
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stream=tick_streams(), paths=st.lists(st.booleans(), min_size=7, max_size=7))
+    def test_kernel_matches_numpy_tick_for_tick(self, stream: tuple, paths: list[bool]) -> None:
+        """Batches through the kernel, NumPy or both in turn: same results and same state after each batch."""
+        slots, t, p, q, cuts = stream
+        specs = [
+            *DEFAULT_SIGNALS,
+            SignalSpec("tw", "time", 20, WINDOW_STATS),
+            SignalSpec("cw", "count", 3, ("sum", "vwap", "volume", "first")),
+            SignalSpec("small", "time", 2, ("min", "max")),
+        ]
+        reference = Engine(specs, use_kernel=False)
+        mixed = Engine(specs)
+        for number, part in enumerate(np.split(np.arange(slots.size), cuts)):
+            mixed._use_kernel = paths[number]
+            expected, expected_late = reference.process(slots[part], t[part], p[part], q[part])
+            got, late = mixed.process(slots[part], t[part], p[part], q[part])
+            where = f"batch {number} ({'kernel' if paths[number] else 'numpy'})"
+            assert late == expected_late, where
+            assert_same_results(expected, got, where)
+            assert_same_state(reference, mixed, where)
+
+    def test_pool_growth_inside_a_kernel_batch(self) -> None:
+        """Rings that outgrow the pool mid-batch resume where they stopped and match NumPy."""
+        rng = np.random.default_rng(5)
+        spec = [SignalSpec("tw", "time", 10_000, ("count", "mean", "min", "first"))]
+        reference, kernel = Engine(spec, use_kernel=False), Engine(spec)
+        for start in range(0, 20_000, 997):
+            slots = rng.integers(0, 300, 997)
+            t = start + np.arange(997)
+            p = rng.integers(0, 100, 997) * 0.5
+            expected, _ = reference.process(slots, t, p, np.ones(997))
+            got, _ = kernel.process(slots, t, p, np.ones(997))
+            assert_same_results(expected, got, f"at {start}")
+            assert_same_state(reference, kernel, f"at {start}")
 
 
 class TestWindowStart:
