@@ -35,17 +35,42 @@ TARGET_US = 100.0  # issue 8: at most 0.1 ms for a batch of 1 to 50 ticks
 Process = Callable[[Ticks], object]
 
 
-def engine_from_revision(revision: str) -> ModuleType:
-    """streamd/windows.py as it was at ``revision``, imported under a private name."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:streamd/windows.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "windows_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("bench_windows_before", path)
+def git_show(revision: str, path: str) -> str | None:
+    """A file's text at ``revision`` of this repository, None if it did not exist there."""
+    command = ["git", "show", f"{revision}:{path}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def import_file(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def engine_from_revision(revision: str) -> ModuleType:
+    """streamd/windows.py as it was at ``revision``, with the kernel compiled from that revision
+    (into a temporary directory) when it had one, else none."""
+    folder = Path(tempfile.mkdtemp())
+    kernel_source = git_show(revision, "streamd/_kernel.c")
+    kernel = None
+    if kernel_source is not None:
+        from setuptools import Distribution, Extension
+
+        (folder / "_kernel.c").write_text(kernel_source)
+        extension = Extension("_kernel", [str(folder / "_kernel.c")], extra_compile_args=["-ffp-contract=off"])
+        build = Distribution({"ext_modules": [extension]}).get_command_obj("build_ext")
+        build.build_lib = build.build_temp = str(folder)  # type: ignore[attr-defined]
+        build.ensure_finalized()
+        build.run()
+        kernel = import_file("_kernel", next(folder.glob("_kernel*.so")))
+    source = git_show(revision, "streamd/windows.py")
+    assert source is not None, f"no streamd/windows.py at {revision}"
+    (folder / "windows_before.py").write_text(source)
+    module = import_file("bench_windows_before", folder / "windows_before.py")
+    module.KERNEL = kernel
     return module
 
 
@@ -53,7 +78,12 @@ def contenders(before: str | None) -> dict[str, Process]:
     """Name -> a warmed engine's ``process`` bound to take a slice of ticks."""
     engines: dict[str, Any] = {}
     if before:
-        engines[f"before ({before})"] = engine_from_revision(before).Engine(DEFAULT_SIGNALS)
+        old = engine_from_revision(before)
+        if old.KERNEL is None:
+            engines[f"{before} NumPy"] = old.Engine(DEFAULT_SIGNALS)
+        else:
+            engines[f"{before} NumPy"] = old.Engine(DEFAULT_SIGNALS, use_kernel=False)
+            engines[f"{before} kernel"] = old.Engine(DEFAULT_SIGNALS)
     engines["NumPy path"] = Engine(DEFAULT_SIGNALS, use_kernel=False)
     if KERNEL is not None:
         engines["kernel"] = Engine(DEFAULT_SIGNALS)

@@ -13,14 +13,17 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Columns of the per-key tables, as in windows.py. */
-enum { OFF, CAP, HEAD, SPLIT, END };
-enum { CENTRE, BACK_MIN, BACK_MAX, SUMS };
-/* Sum kinds (windows.py _SUM_NAMES) and stat codes (windows.py _KERNEL_STATS), same order. */
-enum { SX, SXX, SQ, SXQ };
+/* Sum kinds (windows.py _SUM_NAMES) and stat codes (streamd.config.WINDOW_STATS), same order. */
+enum { SX, SXX, SQ, SXQ, SA, SN, MAX_SUMS };
 enum { ST_COUNT, ST_SUM, ST_MEAN, ST_STD, ST_VAR, ST_MIN, ST_MAX, ST_FIRST, ST_LAST, ST_VOLUME, ST_VWAP, ST_ZSCORE };
-#define MAX_SUMS 4
+/* Columns of the per-key tables, as in windows.py. */
+enum { OFF, CAP, HEAD, SPLIT, END, RUN, N_INT };
+enum { CENTRE, BACK_MIN, BACK_MAX, LAST, SUMS, DRIFTS = SUMS + MAX_SUMS, N_FLOAT = DRIFTS + MAX_SUMS };
 #define MIN_CAP 8
+/* windows.py _ROUNDOFF, _DRIFT and _MAGNITUDE_SHARE. */
+#define ROUNDOFF 0x1p-53
+#define DRIFT 1e-10
+#define MAGNITUDE_SHARE 1e-2
 
 typedef struct {
     Py_buffer view;
@@ -153,15 +156,21 @@ static PyObject *accept(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nnnn)", groups, kept, late, new_keys);
 }
 
-/* Per-tick terms of each kept running sum over x = p - centre. */
-static void add_terms(double *totals, const int64_t *kinds, int n_sums, double x, double q) {
+/* Per-tick terms of each kept running sum (x = p - centre), and their magnitudes. */
+static void add_terms(double *totals, double *magnitudes, const int64_t *kinds, int n_sums, double p, double centre,
+                      double q) {
+    double x = p - centre, term;
     for (int s = 0; s < n_sums; s++) {
         switch (kinds[s]) {
-        case SX: totals[s] += x; break;
-        case SXX: totals[s] += x * x; break;
-        case SQ: totals[s] += q; break;
-        default: totals[s] += x * q; break;
+        case SX: term = x; break;
+        case SXX: term = x * x; break;
+        case SQ: term = q; break;
+        case SXQ: term = x * q; break;
+        case SA: term = fabs(p); break;
+        default: term = q != 0.0; break;
         }
+        totals[s] += term;
+        magnitudes[s] += fabs(term);
     }
 }
 
@@ -169,54 +178,103 @@ typedef struct {
     int64_t *ints;
     double *floats, *p, *q, *fmin, *fmax;
     int64_t *t;
-    Py_ssize_t n_int, n_float;
     const int64_t *kinds;
     int n_sums, is_time, extremes;
     int64_t size;
 } Ring;
 
-static double stat_value(const Ring *r, int64_t code, const double *row, int64_t count, int64_t head_pos, double last) {
-    double n = (double)count, centre = row[CENTRE], sx = 0, sxx = 0, sq = 0, sxq = 0;
+/* A key's running sums and drift bounds by kind (zero where not kept), and which are kept. */
+typedef struct {
+    double total[MAX_SUMS], bound[MAX_SUMS];
+    int kept[MAX_SUMS];
+} Sums;
+
+static Sums sums_of(const Ring *r, const double *row) {
+    Sums sums = {{0}, {0}, {0}};
     for (int s = 0; s < r->n_sums; s++) {
-        double v = row[SUMS + s];
-        switch (r->kinds[s]) {
-        case SX: sx = v; break;
-        case SXX: sxx = v; break;
-        case SQ: sq = v; break;
-        default: sxq = v; break;
+        sums.total[r->kinds[s]] = row[SUMS + s];
+        sums.bound[r->kinds[s]] = row[DRIFTS + s];
+        sums.kept[r->kinds[s]] = 1;
+    }
+    return sums;
+}
+
+/* Add segment totals to a key's running sums and grow their drift bounds (windows.py _accumulate). */
+static void accumulate(const Ring *r, double *row, const double *totals, const double *magnitudes, int64_t length,
+                       int sign) {
+    for (int s = 0; s < r->n_sums; s++) {
+        row[SUMS + s] = sign > 0 ? row[SUMS + s] + totals[s] : row[SUMS + s] - totals[s];
+        row[DRIFTS + s] += ROUNDOFF * (((double)length + 2.0) * magnitudes[s] + fabs(row[SUMS + s]));
+    }
+}
+
+static double larger(double a, double b) { return a > b ? a : b; }
+
+/* windows.py _RingWindowState._drifted, for one key. */
+static int drifted(const Ring *r, const double *row, int64_t count, int64_t run) {
+    Sums k = sums_of(r, row);
+    double n = (double)count, *t = k.total, *e = k.bound;
+    int varying = run < count, bad = 0;
+    if (k.kept[SX]) {
+        double magnitude = MAGNITUDE_SHARE * t[SA], sums = fabs(n * row[CENTRE] + t[SX]);
+        bad |= !(e[SX] <= DRIFT * larger(sums, magnitude)) || !(e[SA] <= DRIFT * t[SA]);
+    }
+    if (k.kept[SXX] && count > 1) {
+        double spread = t[SXX] - t[SX] * t[SX] / n;
+        double spread_bound = e[SXX] + 2.0 * fabs(t[SX]) * e[SX] / n;
+        double n_std = n * sqrt(larger(spread, 0.0) / (n - 1.0));
+        bad |= !(spread_bound <= DRIFT * spread) || !(e[SX] <= DRIFT * n_std);
+    }
+    bad &= varying;
+    if (k.kept[SQ] && t[SN] > 0) {
+        double volume = t[SQ];
+        bad |= !(e[SQ] <= DRIFT * volume);
+        if (k.kept[SXQ] && varying) {
+            double vwap = row[CENTRE] + t[SXQ] / volume;
+            double vwap_bound = (e[SXQ] + fabs(t[SXQ]) * e[SQ] / volume) / volume;
+            bad |= !(vwap_bound <= DRIFT * larger(fabs(vwap), MAGNITUDE_SHARE * t[SA] / n));
         }
     }
-    double var, std;
+    return bad;
+}
+
+static double stat_value(const Ring *r, const Sums *k, int64_t code, const double *row, int64_t count, int64_t run,
+                         int64_t head_pos, double last) {
+    double n = (double)count, centre = row[CENTRE], var, std;
+    const double *t = k->total;
+    int constant = run >= count;
     switch (code) {
     case ST_COUNT: return n;
     case ST_FIRST: return r->p[head_pos];
     case ST_LAST: return last;
-    case ST_SUM: return n * centre + sx;
-    case ST_MEAN: return centre + sx / n;
-    case ST_VOLUME: return sq;
-    case ST_VWAP: return sq == 0 ? NAN : centre + sxq / sq;
+    case ST_SUM: return constant ? n * last : n * centre + t[SX];
+    case ST_MEAN: return constant ? last : centre + t[SX] / n;
+    case ST_VOLUME: return t[SN] > 0 ? t[SQ] : 0.0;
+    case ST_VWAP: return t[SN] == 0 ? NAN : constant ? last : centre + t[SXQ] / t[SQ];
     case ST_MIN: return r->fmin[head_pos] < row[BACK_MIN] ? r->fmin[head_pos] : row[BACK_MIN];
     case ST_MAX: return r->fmax[head_pos] > row[BACK_MAX] ? r->fmax[head_pos] : row[BACK_MAX];
     default: break;
     }
     if (count < 2) return NAN;
-    var = sxx - sx * sx / n;
-    var = (var > 0 ? var : 0.0) / (n - 1.0);
+    var = constant ? 0.0 : larger(t[SXX] - t[SX] * t[SX] / n, 0.0) / (n - 1.0);
     if (code == ST_VAR) return var;
     std = sqrt(var);
     if (code == ST_STD) return std;
-    return std > 0 ? ((last - centre) - sx / n) / std : NAN;
+    return std > 0 ? ((last - centre) - t[SX] / n) / std : NAN;
 }
 
 /* Rebuild a key from its whole window [lo, hi): fresh centre, exact sums, new front extremes. */
 static void flip(const Ring *r, double *row, int64_t off, int64_t mask, int64_t lo, int64_t hi) {
-    double centre = r->p[off + ((hi - 1) & mask)], totals[MAX_SUMS] = {0};
+    double centre = r->p[off + ((hi - 1) & mask)], totals[MAX_SUMS] = {0}, magnitudes[MAX_SUMS] = {0};
     row[CENTRE] = centre;
     for (int64_t i = lo; i < hi; i++) {
         int64_t pos = off + (i & mask);
-        add_terms(totals, r->kinds, r->n_sums, r->p[pos] - centre, r->q[pos]);
+        add_terms(totals, magnitudes, r->kinds, r->n_sums, r->p[pos], centre, r->q[pos]);
     }
-    for (int s = 0; s < r->n_sums; s++) row[SUMS + s] = totals[s];
+    for (int s = 0; s < r->n_sums; s++) {
+        row[SUMS + s] = totals[s];
+        row[DRIFTS + s] = 0.0;
+    }
     if (r->extremes) {
         double low = INFINITY, high = -INFINITY;
         for (int64_t i = hi - 1; i >= lo; i--) {
@@ -260,13 +318,21 @@ static PyObject *ring_update(PyObject *self, PyObject *args) {
     double *out = F64(b[14]);
     int64_t *scalars = I64(b[15]);
     Py_ssize_t groups = LEN(b[7], int64_t), n_codes = LEN(b[13], int64_t);
-    Ring r = {I64(b[0]), F64(b[1]), F64(b[2]), F64(b[3]), F64(b[5]), F64(b[6]), I64(b[4]), 5, SUMS + MAX_SUMS,
+    Ring r = {I64(b[0]), F64(b[1]), F64(b[2]), F64(b[3]), F64(b[5]), F64(b[6]), I64(b[4]),
               I64(b[12]), (int)LEN(b[12], int64_t), is_time, extremes, size};
     int64_t used = scalars[0], pool_size = scalars[1], live = scalars[2];
-    Py_ssize_t stop = -1;
+    Py_ssize_t rows = LEN(b[0], int64_t) / N_INT, stop = -1;
+    int valid = LEN(b[0], int64_t) == rows * N_INT && LEN(b[1], double) == rows * N_FLOAT && LEN(b[15], int64_t) == 4 &&
+                LEN(b[2], double) >= pool_size && LEN(b[3], double) >= pool_size && LEN(b[14], double) == n_codes * groups;
+    for (Py_ssize_t g = 0; valid && g < groups; g++) valid = keys[g] >= 0 && keys[g] < rows;
+    if (!valid) {
+        release(b, 16);
+        PyErr_SetString(PyExc_ValueError, "ring_update: tables, pool or output do not match the batch");
+        return NULL;
+    }
     for (Py_ssize_t g = first; g < groups; g++) {
-        int64_t *state = r.ints + keys[g] * r.n_int;
-        double *row = r.floats + keys[g] * r.n_float;
+        int64_t *state = r.ints + keys[g] * N_INT;
+        double *row = r.floats + keys[g] * N_FLOAT;
         int64_t off = state[OFF], cap = state[CAP], head = state[HEAD], split = state[SPLIT], end = state[END];
         int64_t b0 = starts[g], b_end = starts[g + 1], b1 = b0, mask = cap - 1, threshold = 0, new_head;
         double last = bp[b_end - 1];
@@ -295,12 +361,12 @@ static PyObject *ring_update(PyObject *self, PyObject *args) {
         }
         int is_flip = new_head >= split;
         if (r.n_sums && !is_flip && new_head > head) {
-            double totals[MAX_SUMS] = {0};
+            double totals[MAX_SUMS] = {0}, magnitudes[MAX_SUMS] = {0};
             for (int64_t i = head; i < new_head; i++) {
                 int64_t pos = off + (i & mask);
-                add_terms(totals, r.kinds, r.n_sums, r.p[pos] - row[CENTRE], r.q[pos]);
+                add_terms(totals, magnitudes, r.kinds, r.n_sums, r.p[pos], row[CENTRE], r.q[pos]);
             }
-            for (int s = 0; s < r.n_sums; s++) row[SUMS + s] -= totals[s];
+            accumulate(&r, row, totals, magnitudes, new_head - head, -1);
         }
         if (new_cap) {
             int64_t new_mask = new_cap - 1;
@@ -319,14 +385,17 @@ static PyObject *ring_update(PyObject *self, PyObject *args) {
             cap = new_cap;
             mask = new_mask;
         }
-        double totals[MAX_SUMS] = {0}, low = INFINITY, high = -INFINITY;
+        double totals[MAX_SUMS] = {0}, magnitudes[MAX_SUMS] = {0}, low = INFINITY, high = -INFINITY;
+        int64_t run = state[RUN];
         for (int64_t i = b1; i < b_end; i++) {
             int64_t pos = off + ((end + i - b1) & mask);
             r.p[pos] = bp[i];
             r.q[pos] = bq[i];
             if (is_time) r.t[pos] = bt[i];
+            run = bp[i] == row[LAST] ? run + 1 : 1;
+            row[LAST] = bp[i];
             if (!is_flip) {
-                add_terms(totals, r.kinds, r.n_sums, bp[i] - row[CENTRE], bq[i]);
+                add_terms(totals, magnitudes, r.kinds, r.n_sums, bp[i], row[CENTRE], bq[i]);
                 low = bp[i] < low ? bp[i] : low;
                 high = bp[i] > high ? bp[i] : high;
             }
@@ -335,11 +404,15 @@ static PyObject *ring_update(PyObject *self, PyObject *args) {
             flip(&r, row, off, mask, new_head, new_end);
             split = new_end;
         } else {
-            for (int s = 0; s < r.n_sums; s++) row[SUMS + s] += totals[s];
+            if (r.n_sums) accumulate(&r, row, totals, magnitudes, b_end - b1, 1);
             if (extremes) {
                 row[BACK_MIN] = low < row[BACK_MIN] ? low : row[BACK_MIN];
                 row[BACK_MAX] = high > row[BACK_MAX] ? high : row[BACK_MAX];
             }
+        }
+        if (drifted(&r, row, new_end - new_head, run)) {
+            flip(&r, row, off, mask, new_head, new_end);
+            split = new_end;
         }
         live += (new_end - new_head) - (end - head);
         state[OFF] = off;
@@ -347,9 +420,11 @@ static PyObject *ring_update(PyObject *self, PyObject *args) {
         state[HEAD] = new_head;
         state[SPLIT] = split;
         state[END] = new_end;
+        state[RUN] = run;
         int64_t head_pos = off + (new_head & mask);
+        Sums sums = sums_of(&r, row);
         for (Py_ssize_t c = 0; c < n_codes; c++) {
-            out[c * groups + g] = stat_value(&r, codes[c], row, new_end - new_head, head_pos, last);
+            out[c * groups + g] = stat_value(&r, &sums, codes[c], row, new_end - new_head, run, head_pos, last);
         }
     }
     scalars[0] = used;
