@@ -30,9 +30,9 @@ Design, per time/count signal:
   exceeds 1e-10 of what its stats need is rebuilt like a flip: exact sums around its newest
   price. Level shifts and large ticks leaving the window trip this at once; a steady stream
   trips it about once per 1e6 * window / (cancellation ratio) ticks, so the amortised cost per
-  tick stays O(1) (tens of times less than the flips themselves for typical data). Compensated
-  (double-double) sums were the alternative: they fix drift but not a stale centre, and cost
-  ~6 NumPy calls per sum per step instead of one.
+  tick stays O(1): on the benchmark stream (1M ticks, 10k keys) no key needed it at all, while
+  flips rebuilt 1.6M ticks. Compensated sums alone were not enough: they do not undo the
+  rounding of ``p - centre`` against a stale centre, which is what the level-shift cases lose.
 * The time-window start is found by comparing the first few ticks of every key at once, then, for
   keys evicting more, one round of galloping probes and a few rounds of 16-way probes, so the cost
   depends on the number of evicted ticks, not on the window length.
