@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test lint bench system-deps clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py streamd/_kernel.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

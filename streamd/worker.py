@@ -28,7 +28,7 @@ from streamd.metrics import WorkerMetrics
 from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.runtime import RuntimePaths, name_process
 from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
-from streamd.windows import Engine, SignalResult
+from streamd.windows import KERNEL, Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: send_multipart and flag enums cost 3x two plain sends
@@ -220,7 +220,10 @@ class Worker:
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]
-        self.log.info("worker started", extra={"worker": self.index, "signals": len(self.config.signals)})
+        engine = "c-kernel" if KERNEL is not None else "numpy (the C kernel is not built: see docs/deploy.md)"
+        self.log.info(
+            "worker started", extra={"worker": self.index, "signals": len(self.config.signals), "engine": engine}
+        )
         self.conn.send(Ready())
 
     def main_loop(self) -> None:

@@ -1,8 +1,11 @@
-"""pandas as the oracle: every statistic of the window contract, computed per key offline."""
+"""The oracles: pandas (every stat, per key, offline) and an exact one (Fraction) for the window contract."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +85,57 @@ def check_records_against_pandas(records: list[dict[str, Any]], ticks: list[dict
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{spec.name}.{key}.{stat} row {row}")
         checked += 1
     return checked
+
+
+# The exact oracle: every window stat from the float inputs with rational arithmetic, rounded once.
+
+ZERO_SHARE = 1e-2  # where a stat is near zero, its tolerance follows this share of the window's magnitude
+
+
+def exact_window_stats(p: Sequence[float], q: Sequence[float]) -> dict[str, float]:
+    """Every window stat of one window (oldest tick first), exact up to the final rounding.
+
+    ``Fraction`` holds each float exactly, so sums, mean, variance and vwap are exact rationals;
+    only std (a square root) and zscore are rounded twice. NaN marks an undefined stat.
+    """
+    prices, quantities = [Fraction(x) for x in p], [Fraction(x) for x in q]
+    n = len(prices)
+    total = sum(prices, Fraction(0))
+    mean = total / n
+    var = sum(((x - mean) ** 2 for x in prices), Fraction(0)) / (n - 1) if n > 1 else None
+    volume = sum(quantities, Fraction(0))
+    traded = any(quantities)
+    vwap = sum((x * y for x, y in zip(prices, quantities, strict=True)), Fraction(0)) / volume if traded else None
+    std = math.sqrt(var) if var is not None else math.nan
+    return {
+        "count": float(n),
+        "sum": float(total),
+        "mean": float(mean),
+        "var": math.nan if var is None else float(var),
+        "std": std,
+        "zscore": float(prices[-1] - mean) / std if var else math.nan,
+        "min": float(min(prices)),
+        "max": float(max(prices)),
+        "first": float(prices[0]),
+        "last": float(prices[-1]),
+        "volume": float(volume),
+        "vwap": math.nan if vwap is None else float(vwap),
+    }
+
+
+def exact_tolerance(stat: str, p: Sequence[float], rtol: float) -> float:
+    """Absolute tolerance of ``stat`` besides ``rtol`` relative: where exact values sit near zero.
+
+    A sum or mean straddling zero is held to ``rtol`` of ZERO_SHARE of the window's magnitude
+    (sum |p|, or mean |p| for mean and vwap); a zscore to ``rtol`` of 1 (its natural unit).
+    count, first, last, min, max, volume, var and std get no absolute slack at all: they are
+    exact, or relative to a value that is 0 only when it is exactly 0.
+    """
+    magnitude = math.fsum(abs(x) for x in p)
+    if stat == "sum":
+        return rtol * ZERO_SHARE * magnitude
+    if stat in ("mean", "vwap"):
+        return rtol * ZERO_SHARE * magnitude / len(p)
+    if stat == "zscore":
+        return rtol
+    return 0.0

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamd.config import DEFAULT_SIGNALS, EWMA_STATS, WINDOW_STATS, SignalSpec
-from streamd.windows import Engine, SignalResult
+from streamd.windows import KERNEL, Engine, SignalResult, _EwmaState, _RingWindowState
+from tests.oracle import exact_tolerance, exact_window_stats
 
 RTOL, ATOL = 1e-9, 1e-12
+# Engine(use_kernel=...) for each path: every batch through NumPy, or through the compiled kernel.
+PATHS = {"numpy": False, "kernel": True}
 Stream = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]
 
 
@@ -111,9 +115,9 @@ def tick_streams(draw: st.DrawFn) -> Stream:
     return slots, t, p, q, cuts
 
 
-def run_oracle(specs: list[SignalSpec], stream: Stream) -> None:
+def run_oracle(specs: list[SignalSpec], stream: Stream, path: str) -> None:
     slots, t, p, q, cuts = stream
-    engine, book = Engine(specs), AcceptedTicks()
+    engine, book = Engine(specs, use_kernel=PATHS[path]), AcceptedTicks()
     for part in np.split(np.arange(slots.size), cuts):
         results, late = engine.process(slots[part], t[part], p[part], q[part])
         touched, expected_late = book.feed(slots[part], t[part], p[part], q[part])
@@ -126,34 +130,222 @@ ORACLE_SETTINGS = settings(max_examples=70, deadline=None, suppress_health_check
 
 
 class TestOracle:
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), width=st.sampled_from([1, 3, 10, 45, 200]))
-    def test_time_window_matches_pandas(self, stream: tuple, width: int) -> None:
+    def test_time_window_matches_pandas(self, path: str, stream: tuple, width: int) -> None:
         """Every stat of a time window equals pandas rolling('Wns') at each key's newest tick."""
-        run_oracle([SignalSpec("tw", "time", width, WINDOW_STATS)], stream)
+        run_oracle([SignalSpec("tw", "time", width, WINDOW_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), length=st.sampled_from([1, 2, 3, 7, 50]))
-    def test_count_window_matches_pandas(self, stream: tuple, length: int) -> None:
+    def test_count_window_matches_pandas(self, path: str, stream: tuple, length: int) -> None:
         """Every stat of a count window equals pandas rolling(N, min_periods=1)."""
-        run_oracle([SignalSpec("cw", "count", length, WINDOW_STATS)], stream)
+        run_oracle([SignalSpec("cw", "count", length, WINDOW_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams(), half_life=st.sampled_from([1, 5, 33, 1000]))
-    def test_ewma_matches_pandas_and_exact_sum(self, stream: tuple, half_life: int) -> None:
+    def test_ewma_matches_pandas_and_exact_sum(self, path: str, stream: tuple, half_life: int) -> None:
         """EWMA equals pandas ewm(halflife, times) and an fsum over int64-gap weights (1e-12)."""
-        run_oracle([SignalSpec("ew", "ewma", half_life, EWMA_STATS)], stream)
+        run_oracle([SignalSpec("ew", "ewma", half_life, EWMA_STATS)], stream, path)
 
+    @pytest.mark.parametrize("path", PATHS)
     @ORACLE_SETTINGS
     @given(stream=tick_streams())
-    def test_signals_together_with_stat_subsets(self, stream: tuple) -> None:
+    def test_signals_together_with_stat_subsets(self, path: str, stream: tuple) -> None:
         """Several signals with partial stat lists run side by side on one engine."""
         specs = [
             SignalSpec("a", "time", 20, ("min", "zscore")),
             SignalSpec("b", "count", 4, ("vwap", "last")),
             SignalSpec("c", "ewma", 10, EWMA_STATS),
         ]
-        run_oracle(specs, stream)
+        run_oracle(specs, stream, path)
+
+
+def assert_same_results(
+    reference: list[SignalResult], other: list[SignalResult], where: str, p: np.ndarray, q: np.ndarray
+) -> None:
+    """Same keys and times; every stat equal within 1e-12 relative (undefined where undefined).
+
+    Values that cancel to near zero (an EWMA or a sum around 0) are held to 1e-12 of the stat's
+    scale in the stream (largest |price|, squared for var, times the tick count for sums).
+    """
+    price, ticks = max(float(np.abs(p).max()), 1e-300), p.size
+    scale = {"var": price**2, "std": price, "zscore": 1.0, "sum": ticks * price, "volume": ticks * float(q.max())}
+    for ref, got in zip(reference, other, strict=True):
+        assert got.slots.tolist() == ref.slots.tolist(), where
+        assert got.t.tolist() == ref.t.tolist(), where
+        assert list(got.stats) == list(ref.stats), where
+        for stat, values in ref.stats.items():
+            atol = 1e-12 * scale.get(stat, price)
+            np.testing.assert_allclose(got.stats[stat], values, rtol=1e-12, atol=atol, err_msg=f"{where} {stat}")
+
+
+def assert_same_state(reference: Engine, other: Engine, where: str) -> None:
+    """Identical integer state and live ticks; running sums within 1e-12 of each other."""
+    np.testing.assert_array_equal(other._last_t, reference._last_t, err_msg=where)
+    assert other.n_keys == reference.n_keys, where
+    for ref, got in zip(reference._states, other._states, strict=True):
+        if isinstance(ref, _EwmaState):
+            assert isinstance(got, _EwmaState)
+            np.testing.assert_array_equal(got.t_last, ref.t_last, err_msg=where)
+            np.testing.assert_allclose(got.num, ref.num, rtol=1e-12, err_msg=where)
+            np.testing.assert_allclose(got.den, ref.den, rtol=1e-12, err_msg=where)
+            continue
+        assert isinstance(got, _RingWindowState)
+        np.testing.assert_array_equal(got.ints, ref.ints, err_msg=where)
+        np.testing.assert_allclose(got.floats, ref.floats, rtol=1e-12, atol=1e-9, err_msg=where)
+        assert (got.pool.used, got.live) == (ref.pool.used, ref.live), where
+        for key in (ref.ints[:, 1] > 0).nonzero()[0].tolist():
+            off, cap, head, split, end = ref.ints[key, :5].tolist()
+            live = off + (np.arange(head, end) & (cap - 1))
+            front = off + (np.arange(head, min(split, end)) & (cap - 1))
+            for name, column in ref.pool.columns.items():
+                positions = front if name.startswith("front") else live
+                np.testing.assert_array_equal(got.pool.columns[name][positions], column[positions], err_msg=where)
+
+
+class TestKernel:
+    def test_kernel_is_built(self) -> None:
+        """The compiled kernel is importable (pip install -e . builds it)."""
+        assert KERNEL is not None, "streamd/_kernel.c is not built: run `pip install -e .`"
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stream=tick_streams(), paths=st.lists(st.booleans(), min_size=7, max_size=7))
+    def test_kernel_matches_numpy_tick_for_tick(self, stream: tuple, paths: list[bool]) -> None:
+        """Batches through the kernel, NumPy or both in turn: same results and same state after each batch."""
+        slots, t, p, q, cuts = stream
+        specs = [
+            *DEFAULT_SIGNALS,
+            SignalSpec("tw", "time", 20, WINDOW_STATS),
+            SignalSpec("cw", "count", 3, ("sum", "vwap", "volume", "first")),
+            SignalSpec("small", "time", 2, ("min", "max")),
+        ]
+        reference = Engine(specs, use_kernel=False)
+        mixed = Engine(specs)
+        for number, part in enumerate(np.split(np.arange(slots.size), cuts)):
+            mixed._use_kernel = paths[number]
+            expected, expected_late = reference.process(slots[part], t[part], p[part], q[part])
+            got, late = mixed.process(slots[part], t[part], p[part], q[part])
+            where = f"batch {number} ({'kernel' if paths[number] else 'numpy'})"
+            assert late == expected_late, where
+            assert_same_results(expected, got, where, p, q)
+            assert_same_state(reference, mixed, where)
+
+    def test_pool_growth_inside_a_kernel_batch(self) -> None:
+        """Rings that outgrow the pool mid-batch resume where they stopped and match NumPy."""
+        rng = np.random.default_rng(5)
+        spec = [SignalSpec("tw", "time", 10_000, ("count", "mean", "min", "first"))]
+        reference, kernel = Engine(spec, use_kernel=False), Engine(spec)
+        for start in range(0, 20_000, 997):
+            slots = rng.integers(0, 300, 997)
+            t = start + np.arange(997)
+            p = rng.integers(0, 100, 997) * 0.5
+            expected, _ = reference.process(slots, t, p, np.ones(997))
+            got, _ = kernel.process(slots, t, p, np.ones(997))
+            assert_same_results(expected, got, f"at {start}", p, np.ones(1))
+            assert_same_state(reference, kernel, f"at {start}")
+
+
+LEVELS = [1e-3, 0.1, 1.0, 100.0, 1e5, 1e9]
+QUANTITIES = [0.1, 0.3, 1 / 3, 7.0, 1e6, 1e-3, 2.5]
+
+
+@st.composite
+def level_shift_streams(draw: st.DrawFn) -> Stream:
+    """Non-dyadic prices in stretches: constant, or small moves around a level from 1e-3 to 1e9 of
+    either sign, jumping between levels; quote-only stretches (q = 0); a few keys; batch cuts."""
+    p: list[float] = []
+    q: list[float] = []
+    for _ in range(draw(st.integers(1, 5))):
+        length = draw(st.integers(1, 40))
+        level = draw(st.sampled_from(LEVELS)) * draw(st.sampled_from([1.0, 1.0, -1.0]))
+        move = draw(st.sampled_from([0.0, 1e-2, 1e-6, 1e-11]))
+        steps = draw(st.lists(st.integers(-40, 40), min_size=length, max_size=length))
+        p += [level * (1.0 + move * 0.37 * k) for k in steps]
+        quotes_only = draw(st.booleans())
+        sizes = draw(st.lists(st.sampled_from([0.0, *QUANTITIES]), min_size=length, max_size=length))
+        q += [0.0] * length if quotes_only else sizes
+    n = len(p)
+    slots = np.array(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), np.int64)
+    steps = draw(st.lists(st.sampled_from([0, 1, 1, 2, 5, 40, -2]), min_size=n, max_size=n))
+    t = 1_700_000_000_000_000_000 + np.cumsum(np.array(steps, np.int64))
+    cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=8))))
+    return slots, t, np.array(p), np.array(q), cuts
+
+
+def check_exact(spec: SignalSpec, result: SignalResult, book: AcceptedTicks, where: str) -> None:
+    """Every stat of every touched key against the exact oracle, within the window contract (1e-9)."""
+    for row, key in enumerate(result.slots.tolist()):
+        t, p, q = book.arrays(key)
+        start = np.searchsorted(t, t[-1] - spec.size, "right") if spec.window == "time" else max(0, p.size - spec.size)
+        wp, wq = p[start:], q[start:]
+        expected = exact_window_stats(wp.tolist(), wq.tolist())
+        for stat in spec.stats:
+            actual, exact = float(result.stats[stat][row]), expected[stat]
+            what = f"{where} key {key} {stat} over {wp.size} ticks"
+            if math.isnan(exact):
+                assert math.isnan(actual), f"{what}: expected undefined, got {actual!r}"
+                continue
+            slack = exact_tolerance(stat, wp.tolist(), RTOL)
+            assert math.isclose(actual, exact, rel_tol=RTOL, abs_tol=slack), f"{what}: {actual!r} != {exact!r}"
+        if "volume" in spec.stats:
+            assert result.stats["volume"][row] >= 0.0, f"{where} key {key}: negative volume"
+
+
+class TestExactness:
+    @pytest.mark.parametrize("path", PATHS)
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        stream=level_shift_streams(),
+        window=st.sampled_from([("time", 1), ("time", 5), ("time", 30), ("time", 200), ("count", 1), ("count", 2),
+                                ("count", 5), ("count", 40)]),
+    )  # fmt: skip
+    def test_every_stat_matches_the_exact_oracle(self, path: str, stream: Stream, window: tuple[str, int]) -> None:
+        """Level shifts, jumps across orders of magnitude, negative and tiny prices, quote-only and
+        constant stretches, any batch split: every stat within 1e-9 of the exact value."""
+        slots, t, p, q, cuts = stream
+        kind, size = window
+        spec = SignalSpec("w", kind, size, WINDOW_STATS)  # type: ignore[arg-type]
+        engine, book = Engine([spec], use_kernel=PATHS[path]), AcceptedTicks()
+        for number, part in enumerate(np.split(np.arange(slots.size), cuts)):
+            (result,), _ = engine.process(slots[part], t[part], p[part], q[part])
+            book.feed(slots[part], t[part], p[part], q[part])
+            check_exact(spec, result, book, f"batch {number}")
+
+    @pytest.mark.parametrize("path", PATHS)
+    @pytest.mark.parametrize("kind", ["time", "count"])
+    def test_quotes_after_trades_have_zero_volume_and_no_vwap(self, path: str, kind: str) -> None:
+        """Once every trade has left the window, volume is exactly 0 and vwap undefined."""
+        spec = SignalSpec("w", kind, 10, ("volume", "vwap"))  # type: ignore[arg-type]
+        engine = Engine([spec], use_kernel=PATHS[path])
+        q = np.r_[np.full(15, 0.1), np.full(30, 1 / 3), np.zeros(12)]
+        p = 100.0 + 0.01 * np.arange(q.size)
+        for i in range(q.size):
+            (result,), _ = engine.process(np.zeros(1, np.int64), np.array([i]), p[i : i + 1], q[i : i + 1])
+        assert result.stats["volume"][0] == 0.0
+        assert math.isnan(result.stats["vwap"][0])
+
+    @pytest.mark.parametrize("path", PATHS)
+    @pytest.mark.parametrize(("level", "shift", "tick"), [(1e9, 1e4, 0.01), (1e5, 100.0, 0.01), (1e9, 0.1 - 1e9, 1e-3)])
+    def test_std_after_a_level_shift(self, path: str, level: float, shift: float, tick: float) -> None:
+        """After a shift (1e9 -> 1e9 + 1e4, 1e5 -> 1e5 + 100, 1e9 -> 0.1) std stays within 1e-9."""
+        spec = SignalSpec("w", "count", 50, ("mean", "std", "vwap"))
+        engine = Engine([spec], use_kernel=PATHS[path])
+        rng = np.random.default_rng(2)
+        moves = rng.integers(-50, 50, 300) * tick
+        p = np.r_[np.full(100, level), np.full(200, level + shift)] + moves
+        q = rng.random(300)
+        for start in range(0, 300, 7):
+            stop = min(start + 7, 300)
+            batch = slice(start, stop)
+            (result,), _ = engine.process(np.zeros(stop - start, np.int64), np.arange(start, stop), p[batch], q[batch])
+            window = slice(max(0, stop - 50), stop)
+            expected = exact_window_stats(p[window].tolist(), q[window].tolist())
+            for stat in spec.stats:
+                assert_close(float(result.stats[stat][0]), expected[stat], f"{stat} after tick {stop}")
 
 
 class TestWindowStart:
