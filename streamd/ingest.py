@@ -31,7 +31,7 @@ from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
 from streamd.protocol import DecodedTicks, decode_payloads
 from streamd.router import KeyRouter, Outbox
-from streamd.runtime import RuntimePaths, StartupError, name_process
+from streamd.runtime import RuntimePaths, StartupError, die_with_parent, name_process
 from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_of_input
 
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
@@ -82,6 +82,7 @@ class Ingest:
         self.generations = [0] * self.workers
         self.deadline_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
+        self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
@@ -260,6 +261,7 @@ class Ingest:
     def _on_supervisor_gone(self) -> None:
         """The supervisor died: nobody can restart or stop us properly, so free the port and exit."""
         self.log.error("supervisor is gone; ingest exiting")
+        self.orphaned = True
         self.loop.remove_reader(self.conn.fileno())
         self.loop.remove_reader(self.input.fileno())
         self.stopped.set()
@@ -315,8 +317,7 @@ class Ingest:
         self.input.close(0)
         self.acks.close(0)
         for sock in self.outputs:
-            sock.setsockopt(zmq.LINGER, 5000)
-            sock.close()
+            sock.close(0 if self.orphaned else 5000)
         self.ctx.term()
         self.log.info("ingest stopped")
 
@@ -330,6 +331,7 @@ def ingest_main(index: int, config: Config, paths: RuntimePaths, ledger: TickLed
     """Entry point of ingest process ``index`` (started with the ``spawn`` context)."""
     name_process(f"streamd-ingest{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     ingest = Ingest(index, config, paths, ledger, conn)
     try:
         uvloop.run(_run(ingest))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
 
 
 class StartupError(RuntimeError):
@@ -55,5 +57,18 @@ def name_process(name: str) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to send this process SIGTERM when its parent (the supervisor) dies.
+
+    The control pipe's EOF already ends a child's loop; this also covers a child that is
+    stuck where it does not read the pipe.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         return

@@ -174,10 +174,9 @@ class Supervisor:
             config_hash=self._config_digest,
         )
         host, port = self.config.metrics.host_port()
+        self.registry = serving_registry(self.paths.metrics_dir, view)
         try:
-            self.http_server, _ = start_http_server(
-                port, addr=host, registry=serving_registry(self.paths.metrics_dir, view)
-            )
+            self.http_server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             msg = f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror or exc}"
             raise StartupError(msg) from None
@@ -386,8 +385,23 @@ class Supervisor:
         self.forwarder.stop()
         self.http_server.shutdown()
         self.ctx.term()
+        books = self._books()
         self.paths.remove()
-        self.log.info("streamd stopped", extra={"exit_code": self.exit_code})
+        self.log.info("streamd stopped", extra={"exit_code": self.exit_code, **books})
+
+    def _books(self) -> dict[str, int]:
+        """Final tick accounting of this run, for the last log line: received, processed, dropped."""
+        totals = {"received": 0.0, "processed": 0.0, "dropped": 0.0}
+        names = {
+            "streamd_ticks_received_total": "received",
+            "streamd_ticks_processed_total": "processed",
+            "streamd_ticks_dropped_total": "dropped",
+        }
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name in names:
+                    totals[names[sample.name]] += sample.value
+        return {name: int(value) for name, value in totals.items()}
 
     def abort(self) -> None:
         """Tear down after a failed start-up."""

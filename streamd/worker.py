@@ -26,7 +26,7 @@ from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
 from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
-from streamd.runtime import RuntimePaths, name_process
+from streamd.runtime import RuntimePaths, die_with_parent, name_process
 from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine, SignalResult
 
@@ -202,6 +202,7 @@ class Worker:
         self.table = KeyTable(self.ingests)
         self.ended: set[int] = set()
         self.running = True
+        self.orphaned = False  # the supervisor died: nobody reads our signals any more
 
     def startup(self) -> None:
         self.ctx = zmq.Context()
@@ -252,6 +253,7 @@ class Worker:
         except (EOFError, OSError):
             self.log.error("supervisor is gone; worker exiting", extra={"worker": self.index})
             self.running = False
+            self.orphaned = True
 
     def _drain(self) -> None:
         """Receive everything queued (bounded) and apply it as one engine call."""
@@ -335,7 +337,7 @@ class Worker:
         self.pull.close(0)
         for sock in self.acks:
             sock.close(0)
-        self.pub.close()
+        self.pub.close(0 if self.orphaned else None)
         self.ctx.term()
         self.log.info("worker stopped", extra={"worker": self.index})
 
@@ -346,6 +348,7 @@ def worker_main(
     """Entry point of a worker process (started with the ``spawn`` context)."""
     name_process(f"streamd-worker{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     worker = Worker(index, generation, config, paths, ledger, conn)
     try:
         worker.startup()

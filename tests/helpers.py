@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
+
+from streamd.protocol import encode_columnar_bin
 
 READY_LINE = "streamd ready"
 
@@ -289,3 +292,24 @@ class Subscriber:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def steady_feed(endpoint: str, stop: threading.Event, seed: int, keys: list[str]) -> None:
+    """Columnar batches of in-order ticks (~20k ticks/s) until ``stop``: input keeps arriving during a kill."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(endpoint)
+    rng = np.random.default_rng(seed)
+    t = 1_700_000_000_000_000_000
+    try:
+        while not stop.is_set():
+            n = 100
+            t_col = t + np.arange(n, dtype=np.int64)
+            t += n
+            chosen = rng.choice(keys, n).tolist()
+            sock.send(encode_columnar_bin(chosen, t_col, 100 + rng.normal(0, 1, n), np.ones(n)))
+            time.sleep(0.005)
+    finally:
+        sock.close()
+        ctx.term()

@@ -15,7 +15,7 @@ import zmq
 
 from streamd.protocol import encode_columnar_bin
 from streamd.sharding import shard_for
-from tests.helpers import Subscriber, accounting, feed, make_ticks, running_daemon
+from tests.helpers import Subscriber, accounting, feed, make_ticks, running_daemon, steady_feed
 from tests.oracle import check_records_against_pandas
 
 SIGNALS = """
@@ -84,27 +84,6 @@ def test_a_key_arriving_on_two_endpoints_shares_one_window(tmp_path: Path) -> No
         sub.close()
     last = [r for r in sub.records if r["signal"] == "cw"][-1]
     assert (last["count"], last["sum"], last["first"], last["last"]) == (5, 7.0, 1.0, 2.0)
-
-
-def steady_feed(endpoint: str, stop: threading.Event, seed: int, keys: list[str]) -> None:
-    """Columnar batches of in-order ticks (~20k ticks/s) until ``stop``: input keeps arriving during a kill."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 5000)
-    sock.connect(endpoint)
-    rng = np.random.default_rng(seed)
-    t = 1_700_000_000_000_000_000
-    try:
-        while not stop.is_set():
-            n = 100
-            t_col = t + np.arange(n, dtype=np.int64)
-            t += n
-            chosen = rng.choice(keys, n).tolist()
-            sock.send(encode_columnar_bin(chosen, t_col, 100 + rng.normal(0, 1, n), np.ones(n)))
-            time.sleep(0.005)
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def test_worker_kill_while_ticks_flow_from_two_ingests_keeps_the_books(tmp_path: Path) -> None:
