@@ -96,7 +96,13 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     ),
     "check-config": (Option("file", "STREAMD_CONFIG", _file_path, None, "TOML config file"),),
     "demo": (
-        Option("--duration", "STREAMD_DURATION", _non_negative_number("seconds"), 0.0, "seconds, 0 = until Ctrl-C"),
+        Option(
+            "--duration",
+            "STREAMD_DURATION",
+            _non_negative_number("a number of seconds, e.g. 30 or 2.5"),
+            0.0,
+            "seconds, 0 = until Ctrl-C",
+        ),
         Option("--rate", "STREAMD_RATE", _int_between(1, 10_000_000), 20_000, "synthetic ticks per second"),
         Option("--keys", "STREAMD_KEYS", _int_between(1, 1_000_000), 300, "synthetic keys"),
     ),
@@ -109,7 +115,11 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "replay": (
         Option("--endpoint", "STREAMD_REPLAY_ENDPOINT", _endpoint, "tcp://127.0.0.1:5555", "an ingest endpoint"),
         Option(
-            "--speed", "STREAMD_SPEED", _non_negative_number("a speed-up factor"), 0.0, "event-time speed-up, 0 = max"
+            "--speed",
+            "STREAMD_SPEED",
+            _non_negative_number("a speed-up factor, e.g. 10"),
+            0.0,
+            "event-time speed-up, 0 = max",
         ),
         Option("--batch", "STREAMD_BATCH", _int_between(1, MAX_BATCH_SIZE), 1000, "ticks per columnar message"),
     ),
