@@ -1,4 +1,5 @@
 # Each target does its own set-up, so both Quick start commands work on a fresh machine.
+# The demo needs only the package; tests and linters add the [test] extras on top.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -7,6 +8,10 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml setup.py streamd/_kernel.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -16,10 +21,10 @@ system-deps:
 demo: $(VENV)/.installed
 	$(VENV)/bin/streamd demo
 
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed-test system-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check streamd tests
 	$(VENV)/bin/mypy

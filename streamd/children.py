@@ -7,6 +7,7 @@ tests can drive time; the supervisor's loop asks it *when*, and never sleeps.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -46,7 +47,16 @@ class ChildProcess:
         return self.process.exitcode
 
     def start(self) -> None:
-        self.process.start()
+        """Start the process with SIGINT ignored, so a Ctrl-C while it imports is not a traceback.
+
+        The disposition survives exec; the child keeps ignoring SIGINT (the supervisor decides
+        when children stop) and Python installs no KeyboardInterrupt handler in it.
+        """
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self._child_end.close()
 
     def is_alive(self) -> bool:

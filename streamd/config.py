@@ -7,11 +7,13 @@ and a failed SIGHUP reload can tell the operator exactly what to fix.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,6 +36,13 @@ _UNIT_NS = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
+# Upper bounds, so that a value that validates also works where it is used (README lists them).
+MAX_DURATION_NS = 8760 * _UNIT_NS["h"]  # one year: far below int64, so ``t - size`` cannot wrap
+MAX_HWM = 2**31 - 1  # ZeroMQ high-water marks are C ints
+MAX_WORKERS = 256
+MAX_BATCH_SIZE = 1_000_000
+MAX_COUNT_WINDOW = 10_000_000
+MAX_LOG_RATE = 10_000.0
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss)://.+$")
 
@@ -43,7 +52,7 @@ class ConfigError(ValueError):
 
 
 def parse_duration(value: object, key: str) -> int:
-    """Parse ``"500us"``, ``"250ms"``, ``"1s"``, ``"5m"`` into integer nanoseconds (> 0)."""
+    """Parse ``"500us"``, ``"250ms"``, ``"1s"``, ``"5m"`` into integer nanoseconds, 1 ns to one year."""
     if isinstance(value, bool) or not isinstance(value, str):
         msg = f"{key}: expected a duration string such as '250ms', got {value!r}"
         raise ConfigError(msg)
@@ -52,9 +61,12 @@ def parse_duration(value: object, key: str) -> int:
         msg = f"{key}: bad duration {value!r} (use a number and one of ns, us, ms, s, m, h)"
         raise ConfigError(msg)
     number, unit = match.groups()
-    nanos = round(float(number) * _UNIT_NS[unit])
+    nanos = round(Fraction(number) * _UNIT_NS[unit])
     if nanos <= 0:
         msg = f"{key}: duration must be positive, got {value!r}"
+        raise ConfigError(msg)
+    if nanos > MAX_DURATION_NS:
+        msg = f"{key}: duration must be at most {format_duration(MAX_DURATION_NS)} (one year), got {value!r}"
         raise ConfigError(msg)
     return nanos
 
@@ -176,18 +188,29 @@ def _choice(value: object, literal: Any, key: str) -> Any:
     return value
 
 
-def _positive_int(value: object, key: str, minimum: int = 1) -> int:
+def _bounded_int(value: object, key: str, minimum: int, maximum: int) -> int:
     number = _expect(value, int, key, "an integer")
     if number < minimum:
         msg = f"{key}: must be >= {minimum}, got {number}"
         raise ConfigError(msg)
+    if number > maximum:
+        msg = f"{key}: must be <= {maximum}, got {number}"
+        raise ConfigError(msg)
     return int(number)
+
+
+def endpoint_problem(text: str) -> str | None:
+    """Why ``text`` is not a ZeroMQ endpoint, or None; shared with the command line's ``--endpoint``."""
+    if _ENDPOINT.match(text):
+        return None
+    return f"bad endpoint {text!r} (expected e.g. 'tcp://127.0.0.1:5555' or 'ipc:///run/streamd/ingest')"
 
 
 def _endpoint(value: object, key: str) -> str:
     text = _expect(value, str, key, "a ZeroMQ endpoint string")
-    if not _ENDPOINT.match(text):
-        msg = f"{key}: bad endpoint {text!r} (expected e.g. 'tcp://127.0.0.1:5555' or 'ipc:///run/streamd/in')"
+    problem = endpoint_problem(text)
+    if problem is not None:
+        msg = f"{key}: {problem}"
         raise ConfigError(msg)
     return str(text)
 
@@ -223,7 +246,7 @@ def _build_ingest(raw: Mapping[str, Any]) -> IngestConfig:
         mode=_choice(table.get("mode", default.mode), IngestMode, "ingest.mode"),
         endpoints=_endpoints(table.get("endpoints", list(default.endpoints)), "ingest.endpoints"),
         subscribe=tuple(_expect(s, str, f"ingest.subscribe[{i}]", "a string") for i, s in enumerate(subscribe)),
-        rcvhwm=_positive_int(table.get("rcvhwm", default.rcvhwm), "ingest.rcvhwm", 0),
+        rcvhwm=_bounded_int(table.get("rcvhwm", default.rcvhwm), "ingest.rcvhwm", 0, MAX_HWM),
     )
 
 
@@ -235,7 +258,9 @@ def _build_latency(raw: Mapping[str, Any]) -> LatencyConfig:
         max_batch_delay_ns=default.max_batch_delay_ns
         if delay is None
         else parse_duration(delay, "latency.max_batch_delay"),
-        max_batch_size=_positive_int(table.get("max_batch_size", default.max_batch_size), "latency.max_batch_size"),
+        max_batch_size=_bounded_int(
+            table.get("max_batch_size", default.max_batch_size), "latency.max_batch_size", 1, MAX_BATCH_SIZE
+        ),
     )
 
 
@@ -243,8 +268,10 @@ def _build_workers(raw: Mapping[str, Any]) -> WorkersConfig:
     table = _table(raw, "workers", {"count", "queue_batches"})
     default = WorkersConfig()
     return WorkersConfig(
-        count=_positive_int(table.get("count", default.count), "workers.count", 0),
-        queue_batches=_positive_int(table.get("queue_batches", default.queue_batches), "workers.queue_batches"),
+        count=_bounded_int(table.get("count", default.count), "workers.count", 0, MAX_WORKERS),
+        queue_batches=_bounded_int(
+            table.get("queue_batches", default.queue_batches), "workers.queue_batches", 1, MAX_HWM
+        ),
     )
 
 
@@ -253,7 +280,7 @@ def _build_publish(raw: Mapping[str, Any]) -> PublishConfig:
     default = PublishConfig()
     return PublishConfig(
         endpoint=_endpoint(table.get("endpoint", default.endpoint), "publish.endpoint"),
-        sndhwm=_positive_int(table.get("sndhwm", default.sndhwm), "publish.sndhwm", 0),
+        sndhwm=_bounded_int(table.get("sndhwm", default.sndhwm), "publish.sndhwm", 0, MAX_HWM),
     )
 
 
@@ -273,8 +300,9 @@ def _build_log(raw: Mapping[str, Any]) -> LogConfig:
     rate = _expect(
         table.get("rate_limit_per_s", default.rate_limit_per_s), (int, float), "log.rate_limit_per_s", "a number"
     )
-    if rate <= 0:
-        msg = f"log.rate_limit_per_s: must be > 0, got {rate}"
+    # The limiter's burst is one second's worth of lines, so below 1 line/s it would never log.
+    if not (math.isfinite(rate) and 1 <= rate <= MAX_LOG_RATE):
+        msg = f"log.rate_limit_per_s: must be between 1 and {MAX_LOG_RATE:g}, got {rate}"
         raise ConfigError(msg)
     return LogConfig(
         level=_choice(table.get("level", default.level), LogLevel, "log.level"),
@@ -305,7 +333,7 @@ def _build_signal(table: object, key: str) -> SignalSpec:
         raise ConfigError(msg)
     window = _choice(table["window"], WindowKind, f"{key}.window")
     if window == "count":
-        size = _positive_int(table["size"], f"{key}.size")
+        size = _bounded_int(table["size"], f"{key}.size", 1, MAX_COUNT_WINDOW)
     else:
         size = parse_duration(table["size"], f"{key}.size")
     allowed = EWMA_STATS if window == "ewma" else WINDOW_STATS
@@ -367,18 +395,31 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML config file; every failure is a :class:`ConfigError`."""
+    """Read and validate a TOML config file; every failure is a :class:`ConfigError`.
+
+    A file without a single setting is an error rather than the built-in config: it is far
+    more likely a truncated or wrong file than a request for the defaults.
+    """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except OSError as exc:
         msg = f"cannot read config {str(file)!r}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        msg = f"{file}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); TOML files must be saved as UTF-8"
         raise ConfigError(msg) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         msg = f"{file}: not valid TOML: {exc}"
         raise ConfigError(msg) from None
+    if not raw:
+        msg = f"{file}: no settings at all (empty, or only comments); see deploy/streamd.toml for a full example"
+        raise ConfigError(msg)
     return config_from_mapping(raw, source=str(file))
 
 
@@ -386,7 +427,7 @@ def with_overrides(config: Config, *, workers: int | None = None) -> Config:
     """Apply command-line overrides (``--workers``) on top of a loaded config."""
     if workers is None:
         return config
-    if workers < 0:
-        msg = f"--workers: must be >= 0, got {workers}"
+    if not 0 <= workers <= MAX_WORKERS:
+        msg = f"--workers: must be between 0 and {MAX_WORKERS}, got {workers}"
         raise ConfigError(msg)
     return replace(config, workers=replace(config.workers, count=workers))

@@ -97,6 +97,19 @@ def _print_table(latest: dict[tuple[str, str], dict[str, Any]], received: int, e
     print("\n".join(lines), flush=True)
 
 
+def _start_without_sigint(process: multiprocessing.process.BaseProcess) -> None:
+    """Start ``process`` with SIGINT ignored, which it inherits through exec.
+
+    Ctrl-C reaches every process in the terminal's foreground group; the feed is stopped by
+    its event, so it must not die of KeyboardInterrupt (with a traceback) on its own first.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_demo(*, duration: float = 0.0, rate: int = 20_000, keys: int = 300) -> int:
     config = Config(source="<demo>")
     mp = multiprocessing.get_context("spawn")
@@ -110,7 +123,7 @@ def run_demo(*, duration: float = 0.0, rate: int = 20_000, keys: int = 300) -> i
         f"signals on {config.publish.endpoint}; metrics at http://{config.metrics.listen}/metrics; Ctrl-C stops",
         flush=True,
     )
-    feeder.start()
+    _start_without_sigint(feeder)
     show.start()
     if duration > 0:
         threading.Timer(duration, lambda: supervisor.pending_signals.append(signal.SIGINT)).start()
@@ -120,4 +133,7 @@ def run_demo(*, duration: float = 0.0, rate: int = 20_000, keys: int = 300) -> i
         stop_feed.set()
         stop_printer.set()
         feeder.join(5)
+        if feeder.is_alive():
+            feeder.terminate()
+            feeder.join(5)
         show.join(5)

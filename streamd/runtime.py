@@ -1,7 +1,9 @@
 """Where the processes of one daemon find each other: ipc endpoints and the metrics directory.
 
-Everything lives under one private runtime directory: ``$RUNTIME_DIRECTORY`` under systemd
-(``RuntimeDirectory=streamd``), otherwise a fresh temporary directory per run.
+Everything lives in one private (0700) directory per run, made inside ``$RUNTIME_DIRECTORY``
+under systemd (``RuntimeDirectory=streamd``), otherwise in the system's temporary directory.
+The unit opens ``/run/streamd`` itself to the ``streamd-ingest`` group (for an ipc:// ingest
+socket there), so the worker sockets and metrics files rely on this inner directory's mode.
 """
 
 from __future__ import annotations

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from streamd.config import Config, ConfigError, config_from_mapping, load_config, parse_duration, with_overrides
+from streamd.config import (
+    MAX_BATCH_SIZE,
+    MAX_COUNT_WINDOW,
+    MAX_DURATION_NS,
+    MAX_HWM,
+    MAX_WORKERS,
+    Config,
+    ConfigError,
+    config_from_mapping,
+    load_config,
+    parse_duration,
+    with_overrides,
+)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +116,85 @@ def test_workers_override_and_digest_changes_with_config() -> None:
     assert changed.workers.count == 3
     assert changed.digest() != config.digest()
     assert with_overrides(config, workers=None) is config
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"ingest": {"rcvhwm": 2**31}}, "ingest.rcvhwm: must be <= 2147483647"),
+        ({"ingest": {"rcvhwm": 10**20}}, "ingest.rcvhwm: must be <= 2147483647"),
+        ({"publish": {"sndhwm": 2**31}}, "publish.sndhwm: must be <= 2147483647"),
+        ({"workers": {"queue_batches": 2**31}}, "workers.queue_batches: must be <= 2147483647"),
+        ({"workers": {"queue_batches": 0}}, "workers.queue_batches: must be >= 1"),
+        ({"workers": {"count": MAX_WORKERS + 1}}, f"workers.count: must be <= {MAX_WORKERS}"),
+        ({"latency": {"max_batch_size": MAX_BATCH_SIZE + 1}}, f"latency.max_batch_size: must be <= {MAX_BATCH_SIZE}"),
+        ({"latency": {"max_batch_size": 0}}, "latency.max_batch_size: must be >= 1"),
+        (
+            {"signal": [{"name": "c", "window": "count", "size": MAX_COUNT_WINDOW + 1}]},
+            f"signal[0].size: must be <= {MAX_COUNT_WINDOW}",
+        ),
+        ({"log": {"rate_limit_per_s": float("nan")}}, "log.rate_limit_per_s: must be between 1 and"),
+        ({"log": {"rate_limit_per_s": float("inf")}}, "log.rate_limit_per_s: must be between 1 and"),
+        ({"log": {"rate_limit_per_s": 0.5}}, "log.rate_limit_per_s: must be between 1 and"),
+        ({"shutdown": {"graceful_timeout": "8761h"}}, "shutdown.graceful_timeout: duration must be at most 8760h"),
+        ({"latency": {"max_batch_delay": "99999999999999999999h"}}, "latency.max_batch_delay: duration must be at"),
+        (
+            {"signal": [{"name": "t", "window": "time", "size": "10000000000000000000ns"}]},
+            "signal[0].size: duration must be at most 8760h",
+        ),
+        ({"signal": [{"name": "e", "window": "ewma", "size": "1s", "emit_interval": "9000h"}]}, "signal[0].emit_int"),
+    ],
+)
+def test_values_beyond_what_their_consumer_takes_are_rejected(raw: dict[str, object], key: str) -> None:
+    """HWMs fit a C int, counts stay sane and durations stay within a year (so t - size fits int64)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(raw)
+    assert str(info.value).startswith(key), str(info.value)
+
+
+def test_the_largest_accepted_values_build() -> None:
+    """Each bound itself is accepted: the limits are inclusive, as documented."""
+    config = config_from_mapping(
+        {
+            "ingest": {"rcvhwm": MAX_HWM},
+            "publish": {"sndhwm": MAX_HWM},
+            "workers": {"count": MAX_WORKERS, "queue_batches": MAX_HWM},
+            "latency": {"max_batch_size": MAX_BATCH_SIZE, "max_batch_delay": "8760h"},
+            "signal": [
+                {"name": "c", "window": "count", "size": MAX_COUNT_WINDOW},
+                {"name": "t", "window": "time", "size": "8760h"},
+            ],
+        }
+    )
+    assert config.signals[1].size == MAX_DURATION_NS < 2**63 - 2**62
+    assert config.ingest.rcvhwm == 2**31 - 1
+
+
+def test_decimal_durations_are_exact() -> None:
+    """Fractional durations are converted exactly, even past float64's 2**53."""
+    assert parse_duration("0.1s", "k") == 100_000_000
+    assert parse_duration("2.675ms", "k") == 2_675_000
+    assert parse_duration("9007199.254740993s", "k") == 2**53 + 1
+
+
+def test_file_not_in_utf8_names_the_line(tmp_path: Path) -> None:
+    """A Latin-1 byte is a ConfigError with the file, line and byte, not a UnicodeDecodeError."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[log]\n\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.toml:3: not UTF-8 \(byte 0xe9\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "# nothing here yet\n"])
+def test_file_without_settings_is_rejected(tmp_path: Path, text: str) -> None:
+    """An empty file is not taken as 'use the built-in config'."""
+    path = tmp_path / "empty.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="no settings at all"):
+        load_config(path)
+
+
+def test_workers_override_is_bounded() -> None:
+    """--workers obeys the same bounds as workers.count."""
+    with pytest.raises(ConfigError, match="--workers: must be between 0 and"):
+        with_overrides(Config(), workers=MAX_WORKERS + 1)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from streamd.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "systemd" / "streamd.service"
 RULES = ROOT / "deploy" / "prometheus" / "streamd-rules.yml"
@@ -74,6 +76,31 @@ class TestSystemdUnit:
             "EnvironmentFile=-/etc/default/streamd",
         ):
             assert expected in lines, expected
+
+    def test_local_producers_can_reach_an_ipc_ingest(self) -> None:
+        """The runtime directory is traversable and its sockets writable by the streamd-ingest group only."""
+        lines = set(UNIT.read_text().splitlines())
+        for expected in ("Group=streamd-ingest", "RuntimeDirectoryMode=0750", "UMask=0007"):
+            assert expected in lines, expected
+
+
+class TestShippedConfig:
+    def test_sockets_bind_to_loopback_only(self) -> None:
+        """The production example exposes no unauthenticated ZeroMQ socket beyond this host."""
+        config = load_config(ROOT / "deploy" / "streamd.toml")
+        for endpoint in (*config.ingest.endpoints, config.publish.endpoint):
+            assert endpoint.startswith(("tcp://127.0.0.1:", "ipc://")), endpoint
+
+
+class TestMakefile:
+    def test_demo_installs_only_the_package_and_test_adds_the_extras(self, tmp_path: Path) -> None:
+        """make demo skips the test dependencies; make test and make lint install them."""
+        venv = f"VENV={tmp_path / 'venv'}"
+        demo = run(tool("make", "make"), "-n", "-C", str(ROOT), "demo", venv).stdout
+        assert "pip install -q -e .\n" in demo and "[test]" not in demo, demo
+        for target in ("test", "lint"):
+            plan = run(tool("make", "make"), "-n", "-C", str(ROOT), target, venv).stdout
+            assert "pip install -q -e '.[test]'" in plan, plan
 
 
 class TestPrometheusRules:
