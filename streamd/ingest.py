@@ -17,6 +17,7 @@ import asyncio
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -66,8 +67,10 @@ def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, m
 class Ingest:
     """startup() -> serve() -> shutdown() for the ingest process of one input endpoint."""
 
-    def __init__(self, index: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+    def __init__(self, start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection):
+        index = start.index
         self.index = index
+        self.start = start
         self.endpoint = config.ingest.endpoints[index]
         self.config = config
         self.paths = paths
@@ -79,7 +82,7 @@ class Ingest:
         self.metrics = IngestMetrics()
         self.router = KeyRouter(self.workers)
         self.outboxes = [Outbox() for _ in range(self.workers)]
-        self.generations = [0] * self.workers
+        self.generations = list(start.worker_generations)
         self.deadline_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
@@ -97,8 +100,28 @@ class Ingest:
         self.loop.add_reader(self.acks.fileno(), self._on_acks)
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         self.loop.call_soon(self._drain)
-        self.log.info("ingest started", extra={"mode": self.config.ingest.mode, "endpoint": self.endpoint})
+        self._settle_predecessor()
+        self.log.info(
+            "ingest started",
+            extra={"mode": self.config.ingest.mode, "endpoint": self.endpoint, "generation": self.start.generation},
+        )
         self.conn.send(Ready())
+
+    def _settle_predecessor(self) -> None:
+        """Close the books of the ingest this one replaces: what it held, and workers it never reset."""
+        lost = self.ledger.take_buffered(self.index)
+        if lost:
+            self.metrics.ticks_dropped.labels("ingest_lost").inc(lost)
+        for worker in self.start.write_off:
+            written_off = self.ledger.write_off(self.index, worker)
+            if written_off:
+                self.metrics.ticks_dropped.labels("worker_lost").inc(written_off)
+            self.conn.send(WorkerReset(worker, written_off))
+        if self.start.generation:
+            self.log.warning(
+                "replacing a dead ingest: ticks it had received but not handed over are counted as lost",
+                extra={"lost_ticks": lost},
+            )
 
     def _open_input(self) -> zmq.Socket[Any]:
         ingest = self.config.ingest
@@ -168,6 +191,7 @@ class Ingest:
             outbox.oldest_ns = recv_ns
         outbox.parts.append((slots, t, p, q))
         outbox.ticks += len(t)
+        self.ledger.buffer(self.index, len(t))
 
     # flow control: when a worker's outbox leaves ------------------------------------------
     def _dispatch(self, *, everything: bool = False) -> None:
@@ -224,9 +248,21 @@ class Ingest:
         for start in range(0, outbox.ticks, size):
             slots, t, p, q = (column[start : start + size] for column in columns)
             seq = self.ledger.handed(self.index, worker)
-            batch = WorkerBatch(slots, t, p, q, new_keys, outbox.oldest_ns, self.index, self.generations[worker], seq)
+            batch = WorkerBatch(
+                slots,
+                t,
+                p,
+                q,
+                new_keys,
+                outbox.oldest_ns,
+                self.index,
+                self.start.generation,
+                self.generations[worker],
+                seq,
+            )
             if self._send_batch(worker, batch):
                 new_keys = []
+            self.ledger.buffer(self.index, -len(t))
 
     def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
         """Queue one batch for a worker; on a full queue drop it (counted) and keep its key announcements."""
@@ -327,12 +363,23 @@ async def _run(ingest: Ingest) -> None:
     await ingest.serve()
 
 
-def ingest_main(index: int, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
-    """Entry point of ingest process ``index`` (started with the ``spawn`` context)."""
+@dataclass(frozen=True)
+class IngestStart:
+    """Who an ingest process is: its endpoint index, its incarnation, and what it inherits."""
+
+    index: int
+    generation: int = 0  # 0 at daemon start, +1 for each replacement of a dead ingest
+    worker_generations: tuple[int, ...] = ()
+    write_off: tuple[int, ...] = ()  # workers that died while this ingest's predecessor was dead
+
+
+def ingest_main(start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+    """Entry point of an ingest process (started with the ``spawn`` context)."""
+    index = start.index
     name_process(f"streamd-ingest{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    ingest = Ingest(index, config, paths, ledger, conn)
+    ingest = Ingest(start, config, paths, ledger, conn)
     try:
         uvloop.run(_run(ingest))
     except StartupError as exc:

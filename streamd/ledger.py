@@ -4,7 +4,8 @@ Two shared-memory arrays of int64, one cell per (ingest, worker) pair. Each cell
 ``handed`` only by its ingest, ``applied`` only by its worker (or by the ingest writing off a
 dead worker, while no worker is running in that slot). From them come the backlog that /metrics
 reports, the ingest's flow control (a worker is idle for an ingest when it has applied all it
-was handed) and the ``worker_lost`` count when a worker dies.
+was handed) and the ``worker_lost`` count when a worker dies. One more cell per ingest counts
+the ticks it has received and not handed over yet: what is lost if that ingest dies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class TickLedger:
         self.workers = workers
         self._handed: Any = mp.Array("q", ingests * workers, lock=False)
         self._applied: Any = mp.Array("q", ingests * workers, lock=False)
+        self._buffered: Any = mp.Array("q", ingests, lock=False)
 
     def _cell(self, ingest: int, worker: int) -> int:
         return ingest * self.workers + worker
@@ -49,6 +51,16 @@ class TickLedger:
         lost = int(self._handed[cell] - self._applied[cell])
         self._applied[cell] = self._handed[cell]
         return max(0, lost)
+
+    def buffer(self, ingest: int, ticks: int) -> None:
+        """``ingest`` holds ``ticks`` more (received, not handed over yet); negative when they leave."""
+        self._buffered[ingest] += ticks
+
+    def take_buffered(self, ingest: int) -> int:
+        """What a dead ``ingest`` still held: zeroed, for its replacement to count as lost."""
+        held = int(self._buffered[ingest])
+        self._buffered[ingest] = 0
+        return max(0, held)
 
     def backlog(self, worker: int) -> int:
         """Ticks handed to ``worker`` by any ingest and not applied yet."""

@@ -157,6 +157,7 @@ class SupervisorView:
     processes: Callable[[], list[ProcessInfo]]
     worker_up: Callable[[], dict[str, bool]]
     restarts: Callable[[], dict[str, int]]
+    ingest_restarts: Callable[[], dict[str, int]]
     backlog: Callable[[], dict[str, int]]
     reloads: Callable[[], dict[str, int]]
     version: str
@@ -179,6 +180,12 @@ class SupervisorCollector(Collector):
         for worker, count in sorted(view.restarts().items()):
             restarts.add_metric([worker], count)
         yield restarts
+        ingest_restarts = CounterMetricFamily(
+            "streamd_ingest_restarts", "Ingest processes restarted (one per input endpoint).", labels=["ingest"]
+        )
+        for ingest, count in sorted(view.ingest_restarts().items()):
+            ingest_restarts.add_metric([ingest], count)
+        yield ingest_restarts
         backlog = GaugeMetricFamily(
             "streamd_worker_backlog_ticks", "Ticks handed to a worker and not yet processed.", labels=["worker"]
         )

@@ -29,7 +29,7 @@ from streamd import __version__
 from streamd.children import ChildProcess, RestartPolicy
 from streamd.config import Config, ConfigError, load_config
 from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
-from streamd.ingest import ingest_main
+from streamd.ingest import IngestStart, ingest_main
 from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import ProcessInfo, SupervisorView, serving_registry
@@ -118,9 +118,11 @@ class Supervisor:
         self.ingests: list[ChildProcess] = []
         self.workers: list[ChildProcess] = []
         self.generations = [0] * self.n_workers
+        self.ingest_generations = [0] * self.n_ingests
         self.policies = [RestartPolicy() for _ in range(self.n_workers)]
         self.replacing: dict[int, Replacement] = {}
         self.restarts = {str(i): 0 for i in range(self.n_workers)}
+        self.ingest_restarts = {str(i): 0 for i in range(self.n_ingests)}
         self.reloads = {"success": 0, "failure": 0}
         self.pending_signals: list[int] = []
         self.exit_code = 0
@@ -168,6 +170,7 @@ class Supervisor:
             processes=self._process_infos,
             worker_up=lambda: {str(w): self._worker_up(w) for w in range(self.n_workers)},
             restarts=lambda: dict(self.restarts),
+            ingest_restarts=lambda: dict(self.ingest_restarts),
             backlog=lambda: {str(w): self.ledger.backlog(w) for w in range(self.n_workers)},
             reloads=lambda: dict(self.reloads),
             version=__version__,
@@ -193,8 +196,9 @@ class Supervisor:
                 infos.append(ProcessInfo(child.role, child.label, pid))
         return infos
 
-    def _start_ingest(self, index: int) -> ChildProcess:
-        child = ChildProcess(self.mp, "ingest", index, ingest_main, (index, self.config, self.paths, self.ledger))
+    def _start_ingest(self, index: int, write_off: tuple[int, ...] = ()) -> ChildProcess:
+        start = IngestStart(index, self.ingest_generations[index], tuple(self.generations), write_off)
+        child = ChildProcess(self.mp, "ingest", index, ingest_main, (start, self.config, self.paths, self.ledger))
         child.start()
         return child
 
@@ -236,14 +240,7 @@ class Supervisor:
                     self.log.info("stopping", extra={"signal": signal.Signals(signum).name})
                     return
             self._poll_children(timeout=_TICK_S)
-            dead_ingest = next((c for c in self.ingests if c.exitcode is not None), None)
-            if dead_ingest is not None:
-                self.log.error(
-                    "ingest process died; stopping",
-                    extra={"ingest": dead_ingest.index, "exitcode": dead_ingest.exitcode},
-                )
-                self.exit_code = 1
-                return
+            self._replace_dead_ingests()
             self._replace_dead_workers()
             now = time.monotonic()
             self._kill_stalled_workers(progress, now)
@@ -287,6 +284,27 @@ class Supervisor:
             if not replacement.awaiting and now >= replacement.start_at:
                 del self.replacing[index]
                 self.workers[index] = self._start_worker(index)
+
+    def _replace_dead_ingests(self) -> None:
+        """A dead ingest is replaced at once in its slot: it holds no window state, only buffers.
+
+        The replacement counts what its predecessor held as ``ingest_lost`` and writes off, for
+        it, any worker that died meanwhile (the dead ingest could not answer ``WorkerLost``).
+        """
+        for index, child in enumerate(self.ingests):
+            if child.exitcode is None:
+                continue
+            if child.pid is not None:
+                mark_process_dead(child.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
+            child.conn.close()
+            self.ingest_restarts[str(index)] += 1
+            self.ingest_generations[index] += 1
+            self.log.error(
+                "ingest died, restarting",
+                extra={"ingest": index, "exitcode": child.exitcode, "restarts": self.ingest_restarts[str(index)]},
+            )
+            orphaned = tuple(w for w, r in self.replacing.items() if index in r.awaiting)
+            self.ingests[index] = self._start_ingest(index, orphaned)
 
     def _begin_replacement(self, index: int, child: ChildProcess) -> None:
         """Ask every ingest to write off the dead worker's queue; the replacement waits for all of them."""

@@ -5,7 +5,8 @@ buffers of the slot, time, price and quantity columns. Columns move as buffers, 
 re-encoded per tick. Keys travel once per key lifetime: each ingest assigns each key a
 dense slot in its worker and announces ``[slot, key]`` pairs in the header of the first
 batch that carries the key (and again after the worker was restarted). Slots are private
-to one (ingest, worker) pair, so the header names its ingest.
+to one incarnation of one ingest and one worker, so the header names the ingest and its
+generation (a restarted ingest numbers its slots afresh).
 
 The header also carries the worker *generation* the batch was meant for: a batch queued
 for a worker that has since died is recognised and discarded by its replacement.
@@ -41,6 +42,7 @@ class WorkerBatch:
     new_keys: list[tuple[int, str | int]]
     recv_ns: int  # wall clock when the oldest tick of the batch was received by the ingest
     ingest: int  # which ingest sent it: slots and sequence numbers are per (ingest, worker)
+    ingest_generation: int  # which incarnation of that ingest: a restarted ingest numbers slots afresh
     generation: int  # the worker generation it was sent to
     seq_start: int  # ticks this ingest handed to this worker before this batch (the ledger)
 
@@ -61,6 +63,7 @@ def encode_batch(batch: WorkerBatch) -> list[Any]:
         "new": [list(pair) for pair in batch.new_keys],
         "recv_ns": batch.recv_ns,
         "i": batch.ingest,
+        "ig": batch.ingest_generation,
         "g": batch.generation,
         "seq": batch.seq_start,
     }
@@ -91,7 +94,9 @@ def decode(frames: list[Any]) -> Message:
         raise ValueError(msg)
     slots, t, p, q = columns
     new_keys = [(s, k) for s, k in header["new"]]
-    return WorkerBatch(slots, t, p, q, new_keys, header["recv_ns"], header["i"], header["g"], header["seq"])
+    return WorkerBatch(
+        slots, t, p, q, new_keys, header["recv_ns"], header["i"], header["ig"], header["g"], header["seq"]
+    )
 
 
 def encode_ack(worker: int, generation: int) -> bytes:

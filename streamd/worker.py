@@ -136,28 +136,30 @@ class SignalPublisher:
 class KeyTable:
     """The worker's keys: a dense local index per key, and each ingest's slot -> local index.
 
-    Each ingest numbers the keys it sends here on its own, so the same key may arrive under
-    different slots from different ingests; all of them lead to the one local index that
-    the engine and the publishers use.
+    Each ingest numbers the keys it sends here on its own, and a replaced ingest numbers them
+    afresh, so the same key may arrive under different slots from different ingests (or
+    incarnations of one); all of them lead to the one local index that the engine and the
+    publishers use. Tables of incarnations two generations old are dropped: by then nothing of
+    theirs can still be queued.
     """
 
-    def __init__(self, ingests: int) -> None:
+    def __init__(self) -> None:
         self.keys = np.empty(0, dtype=object)
         self.count = 0
         self._index: dict[str | int, int] = {}
-        self._by_ingest = [np.zeros(0, np.int64) for _ in range(ingests)]
+        self._tables: dict[tuple[int, int], np.ndarray] = {}
 
-    def learn(self, ingest: int, announced: list[tuple[int, str | int]]) -> list[str | int]:
+    def learn(self, ingest: int, generation: int, announced: list[tuple[int, str | int]]) -> list[str | int]:
         """Record an ingest's new ``(slot, key)`` pairs; return the keys this worker had never seen."""
+        table = self._table(ingest, generation)
         if not announced:
             return []
         fresh: list[str | int] = []
-        table = self._by_ingest[ingest]
         top = max(slot for slot, _ in announced) + 1
         if top > len(table):
-            table = self._by_ingest[ingest] = np.concatenate(
-                [table, np.zeros(max(top, 2 * len(table)) - len(table), np.int64)]
-            )
+            grown = np.zeros(max(top, 2 * len(table)), np.int64)
+            grown[: len(table)] = table
+            table = self._tables[ingest, generation] = grown
         for slot, key in announced:
             local = self._index.get(key)
             if local is None:
@@ -168,6 +170,14 @@ class KeyTable:
             self._append(fresh)
         return fresh
 
+    def _table(self, ingest: int, generation: int) -> np.ndarray:
+        table = self._tables.get((ingest, generation))
+        if table is None:
+            table = self._tables[ingest, generation] = np.zeros(0, np.int64)
+            for old in [k for k in self._tables if k[0] == ingest and k[1] < generation - 1]:
+                del self._tables[old]
+        return table
+
     def _append(self, fresh: list[str | int]) -> None:
         needed = self.count + len(fresh)
         if needed > len(self.keys):
@@ -177,9 +187,9 @@ class KeyTable:
         self.keys[self.count : needed] = fresh
         self.count = needed
 
-    def local(self, ingest: int, slots: np.ndarray) -> np.ndarray:
+    def local(self, ingest: int, generation: int, slots: np.ndarray) -> np.ndarray:
         """Local key indices of an ingest's slots."""
-        local: np.ndarray = self._by_ingest[ingest][slots]
+        local: np.ndarray = self._tables[ingest, generation][slots]
         return local
 
 
@@ -199,7 +209,7 @@ class Worker:
         self.log = setup_logging(config.log, f"worker{index}")
         self.metrics = WorkerMetrics(index)
         self.engine = Engine(config.signals)
-        self.table = KeyTable(self.ingests)
+        self.table = KeyTable()
         self.ended: set[int] = set()
         self.running = True
         self.orphaned = False  # the supervisor died: nobody reads our signals any more
@@ -277,12 +287,17 @@ class Worker:
         if not batches:
             return
         started = time.perf_counter()
-        fresh = [key for batch in batches for key in self.table.learn(batch.ingest, batch.new_keys)]
+        fresh = [
+            key for batch in batches for key in self.table.learn(batch.ingest, batch.ingest_generation, batch.new_keys)
+        ]
         for publisher in self.publishers:
             publisher.add_keys(fresh)
         slots, t, p, q = (
             np.concatenate(cols) if len(batches) > 1 else cols[0]
-            for cols in zip(*((self.table.local(b.ingest, b.slots), b.t, b.p, b.q) for b in batches), strict=True)
+            for cols in zip(
+                *((self.table.local(b.ingest, b.ingest_generation, b.slots), b.t, b.p, b.q) for b in batches),
+                strict=True,
+            )
         )
         results, late = self.engine.process(slots, t, p, q)
         for publisher, result in zip(self.publishers, results, strict=True):

@@ -71,16 +71,27 @@ class TestTickLedger:
 class TestKeyTable:
     def test_slots_of_several_ingests_lead_to_one_local_index_per_key(self) -> None:
         """Two ingests numbering the same keys differently share the worker's local indices."""
-        table = KeyTable(2)
-        assert table.learn(0, [(0, "A"), (1, "B")]) == ["A", "B"]
-        assert table.learn(1, [(0, "B"), (1, "C"), (2, "A")]) == ["C"]
-        np.testing.assert_array_equal(table.local(0, np.array([1, 0, 1])), [1, 0, 1])
-        np.testing.assert_array_equal(table.local(1, np.array([0, 1, 2])), [1, 2, 0])
+        table = KeyTable()
+        assert table.learn(0, 0, [(0, "A"), (1, "B")]) == ["A", "B"]
+        assert table.learn(1, 0, [(0, "B"), (1, "C"), (2, "A")]) == ["C"]
+        np.testing.assert_array_equal(table.local(0, 0, np.array([1, 0, 1])), [1, 0, 1])
+        np.testing.assert_array_equal(table.local(1, 0, np.array([0, 1, 2])), [1, 2, 0])
         assert table.keys[: table.count].tolist() == ["A", "B", "C"]
 
     def test_reannounced_keys_keep_their_index(self) -> None:
         """A key announced again (after a worker restart of the ingest's view) is not duplicated."""
-        table = KeyTable(1)
-        table.learn(0, [(i, f"K{i}") for i in range(100)])
-        assert table.learn(0, [(i, f"K{i}") for i in range(100)]) == []
+        table = KeyTable()
+        table.learn(0, 0, [(i, f"K{i}") for i in range(100)])
+        assert table.learn(0, 0, [(i, f"K{i}") for i in range(100)]) == []
         assert table.count == 100
+
+    def test_a_replaced_ingest_numbers_afresh_and_old_batches_still_resolve(self) -> None:
+        """Incarnation 1 of an ingest reuses slot numbers; incarnation 0's queued batches still map right."""
+        table = KeyTable()
+        table.learn(0, 0, [(0, "A"), (1, "B")])
+        assert table.learn(0, 1, [(0, "B"), (1, "Z")]) == ["Z"]
+        np.testing.assert_array_equal(table.local(0, 0, np.array([0, 1])), [0, 1])
+        np.testing.assert_array_equal(table.local(0, 1, np.array([0, 1])), [1, 2])
+        table.learn(0, 2, [])
+        table.learn(0, 3, [])
+        assert (0, 0) not in table._tables and (0, 2) in table._tables

@@ -169,3 +169,51 @@ def test_overload_with_in_order_input_drops_nothing_as_late(tmp_path: Path) -> N
     assert samples.get('streamd_ticks_dropped_total{reason="late"}', 0.0) == 0
     assert samples["streamd_ticks_received_total"] == sent
     assert accounting(samples) == 0
+
+
+def test_killed_ingest_is_replaced_in_place_and_workers_keep_their_windows(tmp_path: Path) -> None:
+    """kill -9 of an ingest: back within a second, windows kept, what it held counted as ingest_lost."""
+    base = 1_700_000_000_000_000_000
+    with running_daemon(tmp_path, workers=2, ingests=2, extra_toml=SIGNALS) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        feed(daemon.ingests[0], [msgpack.packb([{"k": "W", "t": base + i, "p": 1.0} for i in range(4)])])
+        sub.collect(lambda: any(r["signal"] == "cw" and r["k"] == "W" and r["count"] == 4 for r in sub.records))
+        victim = next(
+            pid for pid in daemon.children() if Path(f"/proc/{pid}/comm").read_text().strip() == "streamd-ingest0"
+        )
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for(lambda: daemon.metric("streamd_ingest_restarts_total") == 1, timeout=5, what="the restart")
+        daemon.wait_for(lambda: "ingest started" in daemon.log().split("ingest died, restarting")[-1], what="ready")
+        back = time.monotonic() - killed
+        feed(daemon.ingests[0], [msgpack.packb([{"k": "W", "t": base + 10 + i, "p": 1.0} for i in range(2)])])
+        sub.collect(lambda: any(r["signal"] == "cw" and r["k"] == "W" and r["count"] == 6 for r in sub.records))
+        sub.close()
+        samples = daemon.wait_idle()
+        assert daemon.proc.poll() is None
+    assert back < 1.5
+    assert accounting(samples) == 0
+
+
+def test_ingest_kill_while_ticks_flow_keeps_the_books(tmp_path: Path) -> None:
+    """kill -9 of an ingest mid-stream: the daemon stays up and received == processed + dropped."""
+    keys = [f"S{i:04d}" for i in range(200)]
+    with running_daemon(tmp_path, workers=2, ingests=1, extra_toml=SIGNALS) as daemon:
+        stop = threading.Event()
+        feeder = threading.Thread(target=steady_feed, args=(daemon.ingest, stop, 3, keys))
+        feeder.start()
+        try:
+            daemon.wait_for(lambda: daemon.metric("streamd_ticks_processed_total") > 3000, what="ticks flowing")
+            victim = next(pid for pid in daemon.children() if "streamd-ingest" in Path(f"/proc/{pid}/comm").read_text())
+            os.kill(victim, signal.SIGKILL)
+            daemon.wait_for(lambda: daemon.metric("streamd_ingest_restarts_total") == 1, timeout=5, what="restart")
+            processed = daemon.metric("streamd_ticks_processed_total")
+            daemon.wait_for(lambda: daemon.metric("streamd_ticks_processed_total") > processed + 3000, what="flow")
+        finally:
+            stop.set()
+            feeder.join(10)
+        samples = daemon.wait_idle(timeout=60)
+        log = daemon.log()
+    assert accounting(samples) == 0
+    assert "ingest died, restarting" in log and "Traceback" not in log

@@ -53,6 +53,7 @@ def test_worker_batch_round_trips_exactly() -> None:
         new_keys=[(0, "A"), (1, 2**40)],
         recv_ns=123,
         ingest=3,
+        ingest_generation=2,
         generation=7,
         seq_start=456,
     )
@@ -61,10 +62,11 @@ def test_worker_batch_round_trips_exactly() -> None:
     assert isinstance(back, WorkerBatch)
     for name in ("slots", "t", "p", "q"):
         np.testing.assert_array_equal(getattr(back, name), getattr(batch, name))
-    assert (back.new_keys, back.recv_ns, back.ingest, back.generation, back.seq_start) == (
+    assert (back.new_keys, back.recv_ns, back.ingest, back.ingest_generation, back.generation, back.seq_start) == (
         batch.new_keys,
         123,
         3,
+        2,
         7,
         456,
     )
