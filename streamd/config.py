@@ -100,7 +100,8 @@ class IngestConfig:
     mode: IngestMode = "pull"
     endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
     subscribe: tuple[str, ...] = ("",)
-    rcvhwm: int = 100_000
+    rcvhwm: int = 1_000
+    max_queue_bytes: int = 256 << 20  # ticks held per ingest (buffered + handed, not applied), 32 bytes each
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def _table(raw: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str,
 
 
 def _build_ingest(raw: Mapping[str, Any]) -> IngestConfig:
-    table = _table(raw, "ingest", {"mode", "endpoints", "subscribe", "rcvhwm"})
+    table = _table(raw, "ingest", {"mode", "endpoints", "subscribe", "rcvhwm", "max_queue_bytes"})
     default = IngestConfig()
     subscribe = table.get("subscribe", list(default.subscribe))
     _expect(subscribe, list, "ingest.subscribe", "a list of topic prefixes")
@@ -247,6 +248,9 @@ def _build_ingest(raw: Mapping[str, Any]) -> IngestConfig:
         endpoints=_endpoints(table.get("endpoints", list(default.endpoints)), "ingest.endpoints"),
         subscribe=tuple(_expect(s, str, f"ingest.subscribe[{i}]", "a string") for i, s in enumerate(subscribe)),
         rcvhwm=_bounded_int(table.get("rcvhwm", default.rcvhwm), "ingest.rcvhwm", 0, MAX_HWM),
+        max_queue_bytes=_bounded_int(
+            table.get("max_queue_bytes", default.max_queue_bytes), "ingest.max_queue_bytes", 1 << 20, 1 << 40
+        ),
     )
 
 

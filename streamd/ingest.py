@@ -38,6 +38,7 @@ from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: converting the flag enum on every receive shows in profiles
 _DRAIN_BYTES = 4 << 20  # payload bytes per wake-up: bounds decode chunks when messages are big batches
+_BYTES_PER_TICK = 32  # slot, time, price and quantity: what a held tick costs in outboxes and queues
 
 
 def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, max_bytes: int) -> tuple[bool, int]:
@@ -86,6 +87,7 @@ class Ingest:
         self.deadline_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
+        self.overloaded = False  # max_queue_bytes reached: input paused (pull) or shed (sub)
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
@@ -155,6 +157,8 @@ class Ingest:
         Idle workers get their ticks straight away; when the drain was cut short by its bound,
         the rest is received on the next loop iteration, after timers and acks had their turn.
         """
+        if self.overloaded and self.config.ingest.mode == "pull":
+            return
         payloads: list[bytes] = []
         exhausted, size = receive_payloads(self.input, payloads, _DRAIN_LIMIT, _DRAIN_BYTES)
         if not exhausted:
@@ -162,6 +166,7 @@ class Ingest:
         if payloads:
             self._accept(payloads, size, time.time_ns())
             self._dispatch()
+            self._check_overload()
 
     def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
         decoded = decode_payloads(payloads, self.router.codes)
@@ -175,7 +180,10 @@ class Ingest:
             metrics.messages_dropped.labels(reason).inc(count)
         for reason, example in decoded.examples.items():
             self.limited.warning(reason, "input dropped", reason=reason, example=example)
-        if decoded.keys:
+        if decoded.keys and self.overloaded:
+            metrics.ticks_dropped.labels("overload").inc(len(decoded.keys))
+            self.limited.warning("overload", "over ingest.max_queue_bytes, input shed", ticks=len(decoded.keys))
+        elif decoded.keys:
             self._route(decoded, recv_ns)
 
     def _route(self, decoded: DecodedTicks, recv_ns: int) -> None:
@@ -226,6 +234,24 @@ class Ingest:
         self.deadline_handle = None
         self._dispatch()
 
+    def _check_overload(self) -> None:
+        """Bound what this ingest holds to ``ingest.max_queue_bytes``.
+
+        In pull mode the input socket is no longer read, so ZeroMQ's high-water mark pushes back
+        on the feed (a PUSH sender blocks or gets EAGAIN); reading resumes below half the bound.
+        A SUB socket cannot push back, so in sub mode input keeps being read and is dropped,
+        counted under ``overload``.
+        """
+        held = self.ledger.held(self.index) * _BYTES_PER_TICK
+        limit = self.config.ingest.max_queue_bytes
+        if not self.overloaded and held >= limit:
+            self.overloaded = True
+            self.metrics.overloaded.inc()
+            self.limited.warning("overload", "ingest.max_queue_bytes reached", held_bytes=held, limit=limit)
+        elif self.overloaded and held < limit // 2:
+            self.overloaded = False
+            self.loop.call_soon(self._drain)
+
     def _on_acks(self) -> None:
         """A worker applied its batches: whatever waited for it may go now."""
         acked = False
@@ -238,6 +264,7 @@ class Ingest:
             acked = acked or generation == self.generations[worker]
         if acked:
             self._dispatch()
+            self._check_overload()
 
     def _send(self, worker: int, outbox: Outbox) -> None:
         """Send the outbox in batches of at most ``max_batch_size`` ticks."""

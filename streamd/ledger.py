@@ -56,6 +56,12 @@ class TickLedger:
         """``ingest`` holds ``ticks`` more (received, not handed over yet); negative when they leave."""
         self._buffered[ingest] += ticks
 
+    def held(self, ingest: int) -> int:
+        """Ticks ``ingest`` holds or has handed over that no worker has applied yet."""
+        cells = range(ingest * self.workers, (ingest + 1) * self.workers)
+        in_flight = sum(max(0, self._handed[c] - self._applied[c]) for c in cells)
+        return int(self._buffered[ingest] + in_flight)
+
     def take_buffered(self, ingest: int) -> int:
         """What a dead ``ingest`` still held: zeroed, for its replacement to count as lost."""
         held = int(self._buffered[ingest])

@@ -70,6 +70,11 @@ class IngestMetrics:
         self.batches_sent = Counter(
             "streamd_ingest_batches_total", "Batches handed to workers.", ["worker"], registry=registry
         )
+        self.overloaded = Counter(
+            "streamd_ingest_overload_total",
+            "Times ingest.max_queue_bytes was reached: input paused (pull mode) or shed (sub mode).",
+            registry=registry,
+        )
 
 
 class WorkerMetrics:

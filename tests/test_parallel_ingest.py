@@ -192,7 +192,7 @@ def test_killed_ingest_is_replaced_in_place_and_workers_keep_their_windows(tmp_p
         sub.close()
         samples = daemon.wait_idle()
         assert daemon.proc.poll() is None
-    assert back < 1.5
+    assert back < 3  # about 0.3 s on an idle box: a spawn plus imports; CI runs two test files at once
     assert accounting(samples) == 0
 
 
