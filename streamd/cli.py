@@ -95,6 +95,7 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("--workers", "STREAMD_WORKERS", _int_between(0, MAX_WORKERS), None, "workers, 0 = one per core"),
     ),
     "check-config": (Option("file", "STREAMD_CONFIG", _file_path, None, "TOML config file"),),
+    "gateway": (Option("--config", "STREAMD_CONFIG", _file_path, None, "TOML config file with a [gateway] section"),),
     "demo": (
         Option(
             "--duration",
@@ -138,6 +139,7 @@ class _Parser(argparse.ArgumentParser):
 _COMMAND_HELP = {
     "run": "run the daemon",
     "check-config": "validate a config file",
+    "gateway": "merge every cluster instance's signals onto one endpoint",
     "demo": "run on the built-in config with a synthetic feed, printing signals",
     "tail": "print signals from a running daemon",
     "replay": "publish ticks from a CSV file (k,t,p,q header)",
@@ -202,6 +204,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from streamd.gateway import run_gateway
+
+    if args.config is None:
+        msg = "gateway: give --config FILE (or set STREAMD_CONFIG) with a [gateway] section"
+        raise ConfigError(msg)
+    return run_gateway(load_config(args.config))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from streamd.demo import run_demo
 
@@ -220,7 +231,14 @@ def _replay(args: argparse.Namespace) -> int:
     return replay(args.file, args.endpoint, speed=args.speed, batch=args.batch)
 
 
-COMMANDS = {"run": _run, "check-config": _check, "demo": _demo, "tail": _tail, "replay": _replay}
+COMMANDS = {
+    "run": _run,
+    "check-config": _check,
+    "gateway": _gateway,
+    "demo": _demo,
+    "tail": _tail,
+    "replay": _replay,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -43,8 +44,13 @@ MAX_WORKERS = 256
 MAX_BATCH_SIZE = 1_000_000
 MAX_COUNT_WINDOW = 10_000_000
 MAX_LOG_RATE = 10_000.0
+MAX_PARTITIONS = 4096
+MAX_REPLICAS = 5  # JetStream's limit
+LEASE_TTL_NS = (1_000_000_000, 600_000_000_000)  # below 1 s the server's expiry timer is too coarse
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss)://.+$")
+_NATS_URL = re.compile(r"^(nats|tls|ws|wss)://[^\s/]+$")
+_INSTANCE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a KV key token and a message-id field
 
 
 class ConfigError(ValueError):
@@ -146,6 +152,31 @@ class ShutdownConfig:
     graceful_timeout_ns: int = 5_000_000_000
 
 
+def default_instance_name() -> str:
+    """The host name, with what a KV key token cannot hold (dots of an FQDN) turned into '-'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "streamd"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: present = this instance is one of several sharing partitions over NATS JetStream."""
+
+    servers: tuple[str, ...]
+    partitions: int = 64  # fixed for the life of a deployment: it decides every key's partition
+    replicas: int = 3
+    name: str = field(default_factory=default_instance_name)
+    lease_ttl_ns: int = 3_000_000_000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: what ``streamd gateway`` merges (every instance's ``publish.endpoint``) and where."""
+
+    upstreams: tuple[str, ...]
+    endpoint: str = "tcp://127.0.0.1:5556"
+    sndhwm: int = 1_000_000
+
+
 DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("px1s", "time", 1_000_000_000, ("count", "mean", "std", "min", "max", "vwap", "last", "zscore")),
     SignalSpec("mean100", "count", 100, ("mean", "std")),
@@ -163,6 +194,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     signals: tuple[SignalSpec, ...] = DEFAULT_SIGNALS
+    cluster: ClusterConfig | None = None
+    gateway: GatewayConfig | None = None
     source: str = "<built-in>"
 
     def digest(self) -> str:
@@ -323,6 +356,54 @@ def _build_shutdown(raw: Mapping[str, Any]) -> ShutdownConfig:
     return ShutdownConfig(graceful_timeout_ns=parse_duration(timeout, "shutdown.graceful_timeout"))
 
 
+def _build_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
+    if "cluster" not in raw:
+        return None
+    table = _table(raw, "cluster", {"servers", "partitions", "replicas", "name", "lease_ttl"})
+    if "servers" not in table:
+        msg = "cluster.servers: required (the NATS servers, e.g. ['nats://10.0.0.1:4222'])"
+        raise ConfigError(msg)
+    servers = _expect(table["servers"], list, "cluster.servers", "a list of NATS URLs")
+    if not servers:
+        msg = "cluster.servers: needs at least one NATS URL"
+        raise ConfigError(msg)
+    for i, url in enumerate(servers):
+        if not _NATS_URL.match(_expect(url, str, f"cluster.servers[{i}]", "a NATS URL")):
+            msg = f"cluster.servers[{i}]: bad NATS URL {url!r} (expected e.g. 'nats://10.0.0.1:4222')"
+            raise ConfigError(msg)
+    default = ClusterConfig(servers=())
+    name = _expect(table.get("name", default.name), str, "cluster.name", "a string")
+    if not _INSTANCE.match(name):
+        msg = f"cluster.name: {name!r} must be 1-64 of [A-Za-z0-9_-]"
+        raise ConfigError(msg)
+    ttl = default.lease_ttl_ns if "lease_ttl" not in table else parse_duration(table["lease_ttl"], "cluster.lease_ttl")
+    if not LEASE_TTL_NS[0] <= ttl <= LEASE_TTL_NS[1]:
+        msg = f"cluster.lease_ttl: must be between 1s and 10m, got {table['lease_ttl']!r}"
+        raise ConfigError(msg)
+    return ClusterConfig(
+        servers=tuple(servers),
+        partitions=_bounded_int(table.get("partitions", default.partitions), "cluster.partitions", 1, MAX_PARTITIONS),
+        replicas=_bounded_int(table.get("replicas", default.replicas), "cluster.replicas", 1, MAX_REPLICAS),
+        name=name,
+        lease_ttl_ns=ttl,
+    )
+
+
+def _build_gateway(raw: Mapping[str, Any]) -> GatewayConfig | None:
+    if "gateway" not in raw:
+        return None
+    table = _table(raw, "gateway", {"upstreams", "endpoint", "sndhwm"})
+    if "upstreams" not in table:
+        msg = "gateway.upstreams: required (every instance's publish.endpoint)"
+        raise ConfigError(msg)
+    default = GatewayConfig(upstreams=())
+    return GatewayConfig(
+        upstreams=_endpoints(table["upstreams"], "gateway.upstreams"),
+        endpoint=_endpoint(table.get("endpoint", default.endpoint), "gateway.endpoint"),
+        sndhwm=_bounded_int(table.get("sndhwm", default.sndhwm), "gateway.sndhwm", 0, MAX_HWM),
+    )
+
+
 def _build_signal(table: object, key: str) -> SignalSpec:
     _expect(table, dict, key, "a table")
     assert isinstance(table, dict)
@@ -383,7 +464,7 @@ def _build_signals(raw: Mapping[str, Any]) -> tuple[SignalSpec, ...]:
 
 def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
     """Build and validate a :class:`Config` from parsed TOML."""
-    allowed = {"ingest", "latency", "workers", "publish", "metrics", "log", "shutdown", "signal"}
+    allowed = {"ingest", "latency", "workers", "publish", "metrics", "log", "shutdown", "signal", "cluster", "gateway"}
     _reject_unknown(raw, allowed, "")
     return Config(
         ingest=_build_ingest(raw),
@@ -394,6 +475,8 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         log=_build_log(raw),
         shutdown=_build_shutdown(raw),
         signals=_build_signals(raw),
+        cluster=_build_cluster(raw),
+        gateway=_build_gateway(raw),
         source=source,
     )
 

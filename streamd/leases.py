@@ -1,0 +1,317 @@
+"""Partition ownership: leases in a JetStream KV bucket, assigned by balanced, sticky rendezvous hashing.
+
+Every instance runs one :class:`LeaseManager`. In the bucket ``streamd_leases`` (replicated,
+``max_age = lease_ttl``, so an entry not rewritten within the TTL disappears):
+
+- ``member.<name>``: the instance's heartbeat, rewritten every ``lease_ttl / 3``;
+- ``lease.<p>``: the owner of partition ``p``, rewritten (compare-and-set on its last
+  revision) at the same pace while the owner holds it.
+
+Each round, a manager computes :func:`assign` over the live members and the current owners,
+acquires the free partitions assigned to it (``create``: succeeds only if nobody holds the
+lease), releases those it holds but is not assigned (``delete`` at its revision), and renews
+the rest. Losing a compare-and-set means somebody else owns the partition now: it is dropped
+at once.
+
+Safety does not depend on clocks agreeing across hosts. A manager counts a lease as its own
+only until ``sent + lease_ttl - margin``, where ``sent`` is its own monotonic time when it
+*sent* the last successful write; the server ages the entry out ``lease_ttl`` after it
+*stored* it, which is later. So the old owner has stopped claiming a partition before the
+server lets anyone else create the lease. Expiry of others' entries is likewise judged from
+when this manager *received* them, which can only make it late, never early.
+
+The fencing token of an ownership term is the KV revision at which the lease was acquired.
+KV revisions are the sequence numbers of one stream, so a later owner's token is always
+greater than any earlier owner's: downstream, a record stamped with a smaller token than one
+already seen for its partition comes from a deposed owner and can be discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+LEASES_BUCKET = "streamd_leases"
+_MEMBER = "member."
+_LEASE = "lease."
+_MARGIN = 1 / 6  # of the TTL: how much sooner than the server a holder stops counting a lease
+_T = TypeVar("_T")
+_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+
+
+def rendezvous_score(member: str, partition: int) -> int:
+    """Highest-random-weight score of ``member`` for ``partition``: stable across processes and hosts."""
+    digest = hashlib.blake2b(f"{member}/{partition}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def assign(partitions: int, members: Sequence[str], current: Mapping[int, str]) -> dict[int, str]:
+    """Map every partition to a member: balanced within one, sticky, the same answer on every instance.
+
+    Each member's quota is ``partitions // n`` or one more (the extra slots go to the members
+    holding most, so nobody is forced to give one up). A member keeps what it holds up to its
+    quota, preferring its highest rendezvous scores; every other partition goes to the
+    highest-scoring member with room left. So a member leaving moves only its partitions, a
+    member joining takes about ``1/n`` from the others, and applying the answer again changes
+    nothing.
+    """
+    live = sorted(set(members))
+    if not live:
+        return {}
+    base, extra = divmod(partitions, len(live))
+    holding = {m: 0 for m in live}
+    for partition, owner in current.items():
+        if owner in holding and 0 <= partition < partitions:
+            holding[owner] += 1
+    ranked = sorted(live, key=lambda m: (-holding[m], m))
+    quota = {m: base + (i < extra) for i, m in enumerate(ranked)}
+    result: dict[int, str] = {}
+    for member in live:
+        mine = sorted(
+            (p for p, owner in current.items() if owner == member and 0 <= p < partitions),
+            key=lambda p: -rendezvous_score(member, p),
+        )
+        result.update(dict.fromkeys(mine[: quota[member]], member))
+    load = {m: sum(1 for owner in result.values() if owner == m) for m in live}
+    for partition in range(partitions):
+        if partition in result:
+            continue
+        member = max((m for m in live if load[m] < quota[m]), key=lambda m: rendezvous_score(m, partition))
+        result[partition] = member
+        load[member] += 1
+    return result
+
+
+async def _next_update(watcher: KeyValue.KeyWatcher, timeout: float | None) -> KeyValue.Entry | None:
+    """The watcher's next entry (None once, after the initial values); a typed face on nats-py's untyped call."""
+    entry: KeyValue.Entry | None = await watcher.updates(timeout)  # type: ignore[no-untyped-call]
+    return entry
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """A change of this instance's ownership. ``lost``: taken away (expired or lost a compare-and-set)."""
+
+    kind: Literal["acquired", "released", "lost"]
+    partition: int
+    token: int  # the fencing token of the ownership term that began or ended
+
+
+@dataclass
+class _Held:
+    token: int  # revision at acquisition: the fencing token
+    revision: int  # latest revision written, for the next compare-and-set
+    valid_until: float  # this manager's clock
+
+
+@dataclass
+class _Seen:
+    value: str
+    revision: int
+    received: float  # this manager's clock when the entry arrived
+
+
+class LeaseManager:
+    """Heartbeat, assign, acquire, renew and release partition leases for one instance.
+
+    ``start()`` joins and begins the rounds; ``owned()`` is safe to call at any time (it checks
+    validity against the clock); ``stop()`` releases everything, ``stop(release=False)`` just
+    stops, as a crash would, leaving the leases to expire.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        name: str,
+        partitions: int,
+        ttl_s: float,
+        *,
+        replicas: int = 3,
+        bucket: str = LEASES_BUCKET,
+        on_change: Callable[[LeaseEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nc = nc
+        self.name = name
+        self.partitions = partitions
+        self.ttl_s = ttl_s
+        self.interval_s = ttl_s / 3
+        self.replicas = replicas
+        self.bucket = bucket
+        self.on_change = on_change
+        self.clock = clock
+        self.changes = 0
+        self._held: dict[int, _Held] = {}
+        self._seen: dict[str, _Seen] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    # public -------------------------------------------------------------------------------
+    def owned(self) -> dict[int, int]:
+        """Partitions this instance owns right now, with their fencing tokens."""
+        now = self.clock()
+        return {p: held.token for p, held in self._held.items() if now < held.valid_until}
+
+    async def start(self) -> None:
+        """Find or create the bucket (a generous timeout: a young cluster answers slowly), then join."""
+        self.kv = await self._bucket(self.nc.jetstream(timeout=5))
+        await self._heartbeat()
+        self._watcher = await self.kv.watchall()
+        first = await _next_update(self._watcher, timeout=5)
+        self._watch_task = asyncio.create_task(self._follow(first))
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, *, release: bool = True) -> None:
+        for task in (self._task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._watcher is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher untyped
+        if release:
+            await asyncio.gather(*(self._release(p) for p in list(self._held)))
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self.kv.delete(_MEMBER + self.name)
+
+    # the rounds ---------------------------------------------------------------------------
+    async def _bucket(self, js: nats.js.JetStreamContext) -> KeyValue:
+        try:
+            return await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, replicas=self.replicas)
+            return await js.create_key_value(config)
+
+    async def _run(self) -> None:
+        """Renew on the heartbeat's schedule; rebalance after every round and whenever the bucket changed."""
+        await asyncio.sleep(self.interval_s)  # peers starting together see each other before anyone acquires
+        next_renewal = self.clock()
+        while True:
+            self._expire_own()
+            if self.clock() >= next_renewal:
+                next_renewal = self.clock() + self.interval_s
+                await asyncio.gather(self._heartbeat(), *(self._renew(p) for p in list(self._held)))
+            self._wakeup.clear()
+            await self._rebalance()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_renewal - self.clock()))
+
+    async def _rebalance(self) -> None:
+        """Release what the assignment gives to others, then try to take the free partitions it gives us."""
+        wanted = assign(self.partitions, self._live_members(), self._current_owners())
+        for partition in [p for p in self._held if wanted.get(p) != self.name]:
+            await self._release(partition)
+        free = [p for p, m in wanted.items() if m == self.name and p not in self._held and self._is_free(p)]
+        await asyncio.gather(*(self._acquire(p) for p in free))
+
+    def _expire_own(self) -> None:
+        now = self.clock()
+        for partition, held in list(self._held.items()):
+            if now >= held.valid_until:
+                self._drop(partition, "lost")
+
+    async def _heartbeat(self) -> None:
+        with contextlib.suppress(*_NATS_ERRORS):
+            await self._bounded(self.kv.put(_MEMBER + self.name, self.name.encode()))
+
+    async def _renew(self, partition: int) -> None:
+        held = self._held.get(partition)
+        if held is None:
+            return
+        key = _LEASE + str(partition)
+        sent = self.clock()
+        try:
+            revision = await self._bounded(self.kv.update(key, self.name.encode(), last=held.revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            seen = self._seen.get(key)
+            if seen is not None and seen.value == self.name and seen.revision > held.revision:
+                held.revision = seen.revision  # our own renewal whose ack timed out; validity waits for the next
+            else:
+                self._drop(partition, "lost")
+            return
+        except _NATS_ERRORS:
+            return  # unreachable for now: the lease still counts until valid_until
+        if self._held.get(partition) is held:
+            held.revision = revision
+            held.valid_until = sent + self.ttl_s * (1 - _MARGIN)
+
+    async def _acquire(self, partition: int) -> None:
+        sent = self.clock()
+        try:
+            revision = await self._bounded(self.kv.create(_LEASE + str(partition), self.name.encode()))
+        except _NATS_ERRORS:
+            return  # somebody holds it still (or the cluster is busy): try again next round
+        self._held[partition] = _Held(revision, revision, sent + self.ttl_s * (1 - _MARGIN))
+        self._notify(LeaseEvent("acquired", partition, revision))
+
+    async def _release(self, partition: int) -> None:
+        """Stop counting the lease first, then delete it at its revision so a successor can create it."""
+        held = self._drop(partition, "released")
+        if held is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._bounded(self.kv.delete(_LEASE + str(partition), last=held.revision))
+
+    async def _bounded(self, operation: Awaitable[_T]) -> _T:
+        """A lease operation may take at most one heartbeat interval: a round must not outlive a lease."""
+        return await asyncio.wait_for(operation, self.interval_s)
+
+    def _drop(self, partition: int, kind: Literal["released", "lost"]) -> _Held | None:
+        held = self._held.pop(partition, None)
+        if held is not None:
+            self._notify(LeaseEvent(kind, partition, held.token))
+        return held
+
+    def _notify(self, event: LeaseEvent) -> None:
+        self.changes += 1
+        if self.on_change is not None:
+            self.on_change(event)
+
+    # the view of the bucket -----------------------------------------------------------------
+    async def _follow(self, first: KeyValue.Entry | None) -> None:
+        """Keep ``_seen`` current from the bucket's watcher; wake a round when something changed."""
+        assert self._watcher is not None
+        entry = first
+        while True:
+            if entry is not None and self._on_entry(entry):
+                self._wakeup.set()
+            entry = await _next_update(self._watcher, timeout=None)
+
+    def _on_entry(self, entry: KeyValue.Entry) -> bool:
+        """Record an entry; True when ownership or membership changed, not for a mere renewal."""
+        if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+            return self._seen.pop(entry.key, None) is not None
+        before = self._seen.get(entry.key)
+        value = entry.value.decode()
+        self._seen[entry.key] = _Seen(value, entry.revision or 0, self.clock())
+        return before is None or before.value != value or not self._alive(before)
+
+    def _alive(self, seen: _Seen) -> bool:
+        return self.clock() < seen.received + self.ttl_s
+
+    def _live_members(self) -> list[str]:
+        members = {s.value for k, s in self._seen.items() if k.startswith(_MEMBER) and self._alive(s)}
+        return sorted(members | {self.name})
+
+    def _current_owners(self) -> dict[int, str]:
+        owners = {p: self.name for p in self.owned()}
+        for key, seen in self._seen.items():
+            if key.startswith(_LEASE) and self._alive(seen):
+                owners.setdefault(int(key[len(_LEASE) :]), seen.value)
+        return owners
+
+    def _is_free(self, partition: int) -> bool:
+        seen = self._seen.get(_LEASE + str(partition))
+        return seen is None or not self._alive(seen)
