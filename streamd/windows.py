@@ -382,6 +382,21 @@ class _RingWindowState:
     def nbytes(self) -> int:
         return self.pool.nbytes() + self.ints.nbytes + self.floats.nbytes
 
+    def evict(self, keys: I64) -> None:
+        """Forget ``keys`` (sorted, unique): their rows become those of a key never seen.
+
+        The ring blocks they held are abandoned; their ticks leave ``live``, so compaction
+        reclaims the space once waste dominates (checked here too, so memory drops at once).
+        """
+        keys = keys[: np.searchsorted(keys, self.ints.shape[0])]
+        if keys.size == 0:
+            return
+        bounds = self.ints[keys, _HEAD : _END + 1]
+        self.live -= int(np.add.reduce(bounds[:, -1] - bounds[:, 0]))
+        self.ints[keys] = _INT_FILL
+        self.floats[keys] = _FLOAT_FILL
+        self._maybe_compact()
+
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
         """Append the batch, slide each touched key's window to its newest tick, return ``wanted``."""
         keys = batch.keys
@@ -731,6 +746,12 @@ class _EwmaState:
     def nbytes(self) -> int:
         return self.num.nbytes + self.den.nbytes + self.t_last.nbytes
 
+    def evict(self, keys: I64) -> None:
+        """Forget ``keys`` (sorted, unique): zero weight means the next tick starts afresh."""
+        keys = keys[: np.searchsorted(keys, self.num.size)]
+        self.num[keys] = self.den[keys] = 0.0
+        self.t_last[keys] = 0
+
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:
         """Decay each touched key's sums to its newest tick and add the batch's ticks."""
         keys, newest = batch.keys, batch.t_last
@@ -815,7 +836,7 @@ class Engine:
         self._specs: tuple[SignalSpec, ...] = ()
         self._states: list[_State] = []
         self._last_t = np.zeros(0, np.int64)
-        self._seen = 0
+        self._held = 0
         self._use_kernel = use_kernel and KERNEL is not None
         self._sort_space = np.zeros(0, np.int64)
         self.reconfigure(specs)
@@ -836,8 +857,28 @@ class Engine:
 
     @property
     def n_keys(self) -> int:
-        """Number of distinct keys that ever had an accepted tick."""
-        return self._seen
+        """Number of keys holding state: an accepted tick since the engine started or the key's eviction."""
+        return self._held
+
+    def evict(self, keys: I64) -> None:
+        """Drop all state of these key indices, in every signal, so that they can serve new keys.
+
+        An evicted index is exactly a never-seen one: its next tick is accepted whatever its time
+        (never ``late``), and its windows hold only what comes after. Ring space it held is
+        reclaimed by compaction, so under key churn memory follows the keys held, not the keys
+        ever seen. Indices never used, already evicted or beyond every table are ignored; a
+        negative index is an error. Cost: a few NumPy calls per signal, whatever the number of
+        keys (plus, now and then, a compaction, paid for by the ticks it frees).
+        """
+        keys = np.unique(np.asarray(keys, np.int64))
+        if keys.size and keys[0] < 0:
+            msg = f"evict: negative key index {int(keys[0])}"
+            raise ValueError(msg)
+        held = keys[: np.searchsorted(keys, self._last_t.size)]
+        self._held -= int(np.count_nonzero(self._last_t[held] != _I64_MIN))
+        self._last_t[held] = _I64_MIN
+        for state in self._states:
+            state.evict(keys)
 
     def memory_bytes(self) -> int:
         """Bytes held by all NumPy state."""
@@ -879,7 +920,7 @@ class Engine:
             if groups >= 0:
                 break
             self._last_t = _grow(self._last_t, kept, _I64_MIN)
-        self._seen += new_keys
+        self._held += new_keys
         if groups == 0:
             empty = np.zeros(0, np.int64)
             return [SignalResult(empty, empty, {s: np.zeros(0) for s in spec.stats}) for spec in self._specs], late
@@ -926,6 +967,6 @@ class Engine:
         keys = keys_all[starts]
         batch = _batch(keys, starts, t_acc, p[picked], q[picked], np.empty(0, np.int64))
         t_last = t_acc[batch.last]
-        self._seen += int(np.count_nonzero(self._last_t[keys] == _I64_MIN))
+        self._held += int(np.count_nonzero(self._last_t[keys] == _I64_MIN))
         self._last_t[keys] = t_last
         return batch._replace(t_last=t_last), n - picked.size
