@@ -333,6 +333,7 @@ _CENTRE, _BACK_MIN, _BACK_MAX, _LAST, _SUMS = range(5)
 _DRIFTS = _SUMS + len(_SUM_NAMES)
 _INT_FILL = np.zeros(6, np.int64)
 _FLOAT_FILL = np.array([0.0, np.inf, -np.inf, np.nan] + [0.0] * 2 * len(_SUM_NAMES))
+_INT_FILL_ROW, _FLOAT_FILL_ROW = _rows(_INT_FILL[None]), _rows(_FLOAT_FILL[None])
 # Ticks of each key's window head compared at once before falling back to a galloping search.
 _PROBE = np.arange(4, dtype=np.int64)
 _SPREAD = np.arange(16, dtype=np.int64)
@@ -383,18 +384,17 @@ class _RingWindowState:
         return self.pool.nbytes() + self.ints.nbytes + self.floats.nbytes
 
     def evict(self, keys: I64) -> None:
-        """Forget ``keys`` (sorted, unique): their rows become those of a key never seen.
+        """Forget ``keys`` (distinct): their rows become those of a key never seen.
 
         The ring blocks they held are abandoned; their ticks leave ``live``, so compaction
         reclaims the space once waste dominates (checked here too, so memory drops at once).
         """
-        keys = keys[: np.searchsorted(keys, self.ints.shape[0])]
+        keys = keys[keys < self.ints.shape[0]]
         if keys.size == 0:
             return
-        bounds = self.ints[keys, _HEAD : _END + 1]
-        self.live -= int(np.add.reduce(bounds[:, -1] - bounds[:, 0]))
-        self.ints[keys] = _INT_FILL
-        self.floats[keys] = _FLOAT_FILL
+        self.live -= int(np.add.reduce(self.ints[:, _END][keys] - self.ints[:, _HEAD][keys]))
+        _rows(self.ints)[keys] = _INT_FILL_ROW
+        _rows(self.floats)[keys] = _FLOAT_FILL_ROW
         self._maybe_compact()
 
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
@@ -747,8 +747,8 @@ class _EwmaState:
         return self.num.nbytes + self.den.nbytes + self.t_last.nbytes
 
     def evict(self, keys: I64) -> None:
-        """Forget ``keys`` (sorted, unique): zero weight means the next tick starts afresh."""
-        keys = keys[: np.searchsorted(keys, self.num.size)]
+        """Forget ``keys`` (distinct): zero weight means the next tick starts afresh."""
+        keys = keys[keys < self.num.size]
         self.num[keys] = self.den[keys] = 0.0
         self.t_last[keys] = 0
 
@@ -867,18 +867,34 @@ class Engine:
         (never ``late``), and its windows hold only what comes after. Ring space it held is
         reclaimed by compaction, so under key churn memory follows the keys held, not the keys
         ever seen. Indices never used, already evicted or beyond every table are ignored; a
-        negative index is an error. Cost: a few NumPy calls per signal, whatever the number of
-        keys (plus, now and then, a compaction, paid for by the ticks it frees).
+        negative index is an error. Cost: about 20 NumPy calls in all, linear in the number of
+        keys (no sort), plus now and then a compaction, paid for by the ticks it frees.
         """
-        keys = np.unique(np.asarray(keys, np.int64))
-        if keys.size and keys[0] < 0:
-            msg = f"evict: negative key index {int(keys[0])}"
+        keys = np.asarray(keys, np.int64).ravel()
+        if keys.size == 0:
+            return
+        if int(np.minimum.reduce(keys)) < 0:
+            msg = f"evict: negative key index {int(np.minimum.reduce(keys))}"
             raise ValueError(msg)
-        held = keys[: np.searchsorted(keys, self._last_t.size)]
-        self._held -= int(np.count_nonzero(self._last_t[held] != _I64_MIN))
-        self._last_t[held] = _I64_MIN
+        # An index beyond _last_t never had a tick, so no table holds anything for it.
+        keys = keys[keys < self._last_t.size]
+        keys, newest = self._distinct(keys)
+        self._held -= int(np.count_nonzero(newest != _I64_MIN))
+        self._last_t[keys] = _I64_MIN
         for state in self._states:
             state.evict(keys)
+
+    def _distinct(self, keys: I64) -> tuple[I64, I64]:
+        """``keys`` without repeats (in no particular order) and their newest accepted times.
+
+        Each key's entry of ``_last_t`` (restored afterwards by the caller) briefly holds the
+        position of one of its occurrences: one pass, no sort, no table of its own.
+        """
+        newest = self._last_t[keys]
+        position = np.arange(keys.size, dtype=np.int64)
+        self._last_t[keys] = position
+        kept = self._last_t[keys] == position
+        return keys[kept], newest[kept]
 
     def memory_bytes(self) -> int:
         """Bytes held by all NumPy state."""
