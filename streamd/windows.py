@@ -39,6 +39,10 @@ Design, per time/count signal:
 * Per-batch cost of the NumPy path is dominated by the number of NumPy calls, not by the ticks:
   per-key state is two tables read and written once per batch, sums and extremes are only kept for
   requested stats, and common cases (one tick per key, nothing evicted, no flip) skip whole steps.
+* Keys come and go: the worker evicts a silent key (:meth:`Engine.evict`) and hands its index to a
+  new key. Eviction resets the index's rows to those of a never-seen key and takes its ticks out
+  of ``live``; compaction then reclaims the abandoned blocks, so memory follows the keys held,
+  not the keys ever seen (``python -m bench.churn``: flat over 2M keys, ~26k held).
 
 Compiled kernel. ``streamd/_kernel.c`` runs the same algorithm key by key and tick by tick on the
 same state, and serves every batch when it is built. The NumPy path still makes ~100 NumPy calls
@@ -830,6 +834,9 @@ class Engine:
     Batches go through the compiled kernel when it is built (:data:`KERNEL`), else through NumPy.
     Both paths work on the same state and can take turns; ``use_kernel=False`` keeps every batch
     on the NumPy path, the reference the kernel is tested against.
+
+    Keys are the worker's local indices (small non-negative integers, tables grow to the largest
+    seen). Per-key state lives until :meth:`evict`; the index can then serve another key.
     """
 
     def __init__(self, specs: Sequence[SignalSpec], use_kernel: bool = True) -> None:
