@@ -91,6 +91,12 @@ class WorkerMetrics:
         self.signals_published = Counter(
             "streamd_signals_published_total", "Signal rows published (one per key).", ["signal"], registry=registry
         )
+        self.publish_dropped = Counter(
+            "streamd_publish_dropped_total",
+            "Signal rows dropped because the queue to the publish endpoint was full (publish.sndhwm).",
+            ["signal"],
+            registry=registry,
+        )
         self.publish_messages = Counter(
             "streamd_publish_messages_total", "ZeroMQ messages published.", ["signal"], registry=registry
         )

@@ -32,6 +32,7 @@ from streamd.windows import KERNEL, Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: send_multipart and flag enums cost 3x two plain sends
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Throttle:
@@ -93,6 +94,7 @@ class SignalPublisher:
         self._heads: list[bytes] = []
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
+        self._dropped = metrics.publish_dropped.labels(spec.name)
         self._throttle = Throttle(spec.emit_interval_ns, spec.stats) if spec.emit_interval_ns else None
 
     def add_keys(self, keys: Sequence[str | int]) -> None:
@@ -113,24 +115,40 @@ class SignalPublisher:
             self._send(result, keys)
 
     def _send(self, result: SignalResult, keys: np.ndarray) -> None:
+        """Publish rows; a full queue to the forwarder drops them, counted, never counted as published.
+
+        The PUB socket has ``XPUB_NODROP`` set, so at its high-water mark a non-blocking send
+        raises instead of silently discarding the message.
+        """
         rows = len(result.slots)
         if not rows:
             return
         stats = {name: result.stats[name] for name in self.spec.stats}
         pub_ns = time.time_ns()
+        sent = 0
         if self.spec.publish == "batch":
             row_keys = keys[result.slots].tolist()
-            self._sock.send_multipart(encode_batch_record(self.spec.name, row_keys, result.t, stats, pub_ns))
-            self._messages.inc()
+            topic, payload = encode_batch_record(self.spec.name, row_keys, result.t, stats, pub_ns)
+            with contextlib.suppress(zmq.Again):
+                self._sock.send(topic, _SNDMORE | _NOBLOCK)
+                self._sock.send(payload)
+                self._messages.inc()
+                sent = rows
         else:
             slots = result.slots.tolist()
             payloads = encode_record_payloads([self._heads[s] for s in slots], result.t, stats, pub_ns)
             send = self._sock.send
             for slot, payload in zip(slots, payloads, strict=True):
-                send(self._topics[slot], _SNDMORE)
+                try:
+                    send(self._topics[slot], _SNDMORE | _NOBLOCK)
+                except zmq.Again:
+                    continue
                 send(payload)
-            self._messages.inc(rows)
-        self._published.inc(rows)
+                sent += 1
+            self._messages.inc(sent)
+        self._published.inc(sent)
+        if sent < rows:
+            self._dropped.inc(rows - sent)
 
 
 class KeyTable:
@@ -228,6 +246,7 @@ class Worker:
             self.acks.append(sock)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, self.config.publish.sndhwm)
+        self.pub.setsockopt(zmq.XPUB_NODROP, 1)
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]

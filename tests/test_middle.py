@@ -1,14 +1,20 @@
-"""The middle layer without sockets: restart policy, tick ledger, the worker's key table."""
+"""The middle layer in process: restart policy, ledger, key table, publisher and throttle (no daemon)."""
 
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import numpy as np
+import zmq
+from prometheus_client import CollectorRegistry
 
 from streamd.children import RestartPolicy
+from streamd.config import SignalSpec
 from streamd.ledger import TickLedger
-from streamd.worker import KeyTable
+from streamd.metrics import WorkerMetrics
+from streamd.windows import SignalResult
+from streamd.worker import KeyTable, SignalPublisher, Throttle
 
 
 class FakeClock:
@@ -95,3 +101,53 @@ class TestKeyTable:
         table.learn(0, 2, [])
         table.learn(0, 3, [])
         assert (0, 0) not in table._tables and (0, 2) in table._tables
+
+
+class TestSignalPublisher:
+    def test_rows_over_the_high_water_mark_are_dropped_and_counted_not_published(self) -> None:
+        """A subscriber that never reads: published + dropped == rows, and drops are not called published."""
+        registry = CollectorRegistry()
+        metrics = WorkerMetrics(0, registry=registry)
+        ctx = zmq.Context()
+        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+        try:
+            for sock in (pub, sub):
+                sock.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.SNDHWM, 5)
+            pub.setsockopt(zmq.XPUB_NODROP, 1)
+            sub.setsockopt(zmq.RCVHWM, 5)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            pub.bind("inproc://publisher-test")
+            sub.connect("inproc://publisher-test")
+            time.sleep(0.05)
+            spec = SignalSpec("s", "count", 3, ("mean",))
+            publisher = SignalPublisher(spec, pub, metrics)
+            keys = [f"K{i}" for i in range(100)]
+            publisher.add_keys(keys)
+            slots = np.arange(100)
+            result = SignalResult(slots, np.arange(100), {"mean": np.ones(100)})
+            publisher.publish(result, np.array(keys, dtype=object))
+        finally:
+            pub.close(0)
+            sub.close(0)
+            ctx.term()
+        published = registry.get_sample_value("streamd_signals_published_total", {"signal": "s"})
+        dropped = registry.get_sample_value("streamd_publish_dropped_total", {"signal": "s"})
+        assert published is not None and dropped is not None
+        assert published + dropped == 100
+        assert 0 < published < 100
+
+
+class TestThrottle:
+    def test_newest_row_wins_and_waits_for_its_interval(self) -> None:
+        """emit_interval: a second row inside the interval is held (newest wins) and released when due."""
+        throttle = Throttle(1_000, ("mean",))
+        first = throttle.admit(SignalResult(np.array([0]), np.array([10]), {"mean": np.array([1.0])}), now_ns=5_000)
+        assert first.slots.tolist() == [0]
+        held = throttle.admit(SignalResult(np.array([0]), np.array([11]), {"mean": np.array([2.0])}), now_ns=5_100)
+        newer = throttle.admit(SignalResult(np.array([0]), np.array([12]), {"mean": np.array([3.0])}), now_ns=5_200)
+        assert held.slots.tolist() == newer.slots.tolist() == []
+        assert throttle.due(5_900) is None
+        due = throttle.due(6_000)
+        assert due is not None
+        assert (due.slots.tolist(), due.t.tolist(), due.stats["mean"].tolist()) == ([0], [12], [3.0])
