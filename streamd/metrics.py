@@ -12,12 +12,15 @@ No metric carries a per-key label.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
@@ -231,9 +234,45 @@ class SupervisorCollector(Collector):
         yield fds
 
 
-def serving_registry(multiproc_dir: str, view: SupervisorView) -> CollectorRegistry:
+class _LockedCollector(Collector):
+    """Every child's mmap files, read under the lock that :func:`archive_dead_process` holds."""
+
+    def __init__(self, inner: MultiProcessCollector, lock: threading.Lock) -> None:
+        self._inner = inner
+        self._lock = lock
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            return list(self._inner.collect())  # type: ignore[no-untyped-call]
+
+
+def serving_registry(multiproc_dir: str, view: SupervisorView, lock: threading.Lock) -> CollectorRegistry:
     """The registry behind /metrics: every child's mmap files plus the supervisor's view."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    registry.register(_LockedCollector(MultiProcessCollector(None, path=multiproc_dir), lock))  # type: ignore[no-untyped-call]
     registry.register(SupervisorCollector(view))
     return registry
+
+
+def archive_dead_process(pid: int, multiproc_dir: str, lock: threading.Lock) -> None:
+    """Fold a dead child's counters and histograms into one archive file per type, and delete its files.
+
+    A killed worker's counts must stay in the totals (the accounting identity), but one set of
+    files per dead process would pile up forever under a crash loop. Adding its samples into
+    ``counter_archive.db`` / ``histogram_archive.db`` and removing its own files keeps both; the
+    lock keeps a scrape from seeing the samples twice or not at all in between.
+    """
+    with lock:
+        for kind in ("counter", "histogram"):
+            source = os.path.join(multiproc_dir, f"{kind}_{pid}.db")
+            if not os.path.exists(source):
+                continue
+            archive = MmapedDict(os.path.join(multiproc_dir, f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(source):  # type: ignore[no-untyped-call]
+                    total, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                    archive.write_value(key, total + value, timestamp)  # type: ignore[no-untyped-call]
+            finally:
+                archive.close()  # type: ignore[no-untyped-call]
+            os.remove(source)
+        mark_process_dead(pid, multiproc_dir)  # type: ignore[no-untyped-call]

@@ -23,7 +23,6 @@ from typing import Any
 
 import zmq
 from prometheus_client import start_http_server
-from prometheus_client.multiprocess import mark_process_dead
 
 from streamd import __version__
 from streamd.children import ChildProcess, RestartPolicy
@@ -32,7 +31,7 @@ from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, Wo
 from streamd.ingest import IngestStart, ingest_main
 from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
-from streamd.metrics import ProcessInfo, SupervisorView, serving_registry
+from streamd.metrics import ProcessInfo, SupervisorView, archive_dead_process, serving_registry
 from streamd.runtime import RuntimePaths, StartupError
 from streamd.sdnotify import Notifier
 from streamd.worker import worker_main
@@ -125,6 +124,7 @@ class Supervisor:
         self.ingest_restarts = {str(i): 0 for i in range(self.n_ingests)}
         self.reloads = {"success": 0, "failure": 0}
         self.pending_signals: list[int] = []
+        self.metrics_lock = threading.Lock()  # scrapes vs folding a dead child's metric files
         self.exit_code = 0
 
     # signal handlers only record ---------------------------------------------------------
@@ -177,7 +177,7 @@ class Supervisor:
             config_hash=self._config_digest,
         )
         host, port = self.config.metrics.host_port()
-        self.registry = serving_registry(self.paths.metrics_dir, view)
+        self.registry = serving_registry(self.paths.metrics_dir, view, self.metrics_lock)
         try:
             self.http_server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
@@ -295,7 +295,7 @@ class Supervisor:
             if child.exitcode is None:
                 continue
             if child.pid is not None:
-                mark_process_dead(child.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
+                archive_dead_process(child.pid, self.paths.metrics_dir, self.metrics_lock)
             child.conn.close()
             self.ingest_restarts[str(index)] += 1
             self.ingest_generations[index] += 1
@@ -309,7 +309,7 @@ class Supervisor:
     def _begin_replacement(self, index: int, child: ChildProcess) -> None:
         """Ask every ingest to write off the dead worker's queue; the replacement waits for all of them."""
         if child.pid is not None:
-            mark_process_dead(child.pid, self.paths.metrics_dir)  # type: ignore[no-untyped-call]
+            archive_dead_process(child.pid, self.paths.metrics_dir, self.metrics_lock)
         child.conn.close()
         self.restarts[str(index)] += 1
         self.generations[index] += 1
