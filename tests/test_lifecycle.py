@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import msgpack
 
-from tests.helpers import Subscriber, daemon_config, feed, free_port, running_daemon, steady_feed
+from tests.helpers import Subscriber, accounting, daemon_config, feed, free_port, running_daemon, steady_feed
 
 
 def final_books(log: str) -> dict[str, int]:
@@ -175,3 +177,40 @@ def test_demo_prints_live_signals_and_stops_cleanly() -> None:
     assert "px1s: count=" in result.stdout and "ewma1s: ewma=" in result.stdout
     assert "metrics at http://127.0.0.1:9108/metrics" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_applies_log_settings_in_every_process(tmp_path: Path) -> None:
+    """A reload switching log.format to json reaches the ingest and every worker, not only the supervisor."""
+    with running_daemon(tmp_path, workers=2, ingests=2) as daemon:
+        daemon.config_path.write_text(daemon.config_path.read_text() + '\n[log]\nformat = "json"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: daemon.log().count('"signals reconfigured"') == 2, what="json lines from both workers")
+        daemon.wait_for(
+            lambda: daemon.log().count('"batching and logging reloaded"') == 2, what="json from both ingests"
+        )
+        log = daemon.log()
+    procs = {json.loads(line)["proc"] for line in log.splitlines() if line.startswith("{")}
+    assert {"worker0", "worker1", "ingest0", "ingest1"} <= procs
+
+
+def test_a_stalled_worker_is_detected_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker that stops applying while it holds a backlog (SIGSTOP) is reported, killed and replaced."""
+    with running_daemon(tmp_path, workers=1) as daemon:
+        victim = daemon.worker_pids()[0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            feed(
+                daemon.ingest,
+                [msgpack.packb({"k": "A", "t": 1_700_000_000_000_000_000 + i, "p": 1.0}) for i in range(5)],
+            )
+            daemon.wait_for(lambda: "worker stalled" in daemon.log(), timeout=20, what="the stall report")
+            daemon.wait_for(
+                lambda: daemon.metric("streamd_worker_up") == 1 and victim not in daemon.worker_pids(),
+                what="a replacement",
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        samples = daemon.wait_idle()
+    assert samples.get('streamd_ticks_dropped_total{reason="worker_lost"}', 0) == 5
+    assert accounting(samples) == 0
