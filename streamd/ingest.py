@@ -25,7 +25,7 @@ import numpy as np
 import uvloop
 import zmq
 
-from streamd.config import Config
+from streamd.config import Config, LatencyConfig
 from streamd.control import Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.ledger import TickLedger
 from streamd.logs import RateLimiter, apply_log_config, setup_logging
@@ -63,6 +63,19 @@ def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, m
         if size >= max_bytes:
             break
     return False, size
+
+
+def send_now(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int) -> bool:
+    """Flow control: does a worker's buffer leave now, or wait for the worker's ack?
+
+    It leaves at once when the worker has applied everything handed to it (it is idle), and in
+    any case at ``max_batch_size`` ticks or when its oldest tick is ``max_batch_delay`` old.
+    """
+    return (
+        in_flight <= 0
+        or outbox.ticks >= latency.max_batch_size
+        or now_ns >= outbox.oldest_ns + latency.max_batch_delay_ns
+    )
 
 
 class Ingest:
@@ -210,16 +223,11 @@ class Ingest:
         for worker, outbox in enumerate(self.outboxes):
             if not outbox.ticks:
                 continue
-            due = outbox.oldest_ns + latency.max_batch_delay_ns
-            if (
-                everything
-                or self.ledger.in_flight(self.index, worker) <= 0
-                or outbox.ticks >= latency.max_batch_size
-                or now >= due
-            ):
+            if everything or send_now(outbox, self.ledger.in_flight(self.index, worker), latency, now):
                 self._send(worker, outbox)
-            elif not next_deadline or due < next_deadline:
-                next_deadline = due
+            else:
+                due = outbox.oldest_ns + latency.max_batch_delay_ns
+                next_deadline = min(next_deadline or due, due)
         self._arm_deadline(next_deadline)
 
     def _arm_deadline(self, deadline_ns: int) -> None:

@@ -10,9 +10,11 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from streamd.children import RestartPolicy
-from streamd.config import SignalSpec
+from streamd.config import LatencyConfig, SignalSpec
+from streamd.ingest import send_now
 from streamd.ledger import TickLedger
-from streamd.metrics import WorkerMetrics
+from streamd.metrics import SupervisorCollector, SupervisorView, WorkerMetrics
+from streamd.router import Outbox
 from streamd.windows import SignalResult
 from streamd.worker import KeyTable, SignalPublisher, Throttle
 
@@ -151,3 +153,44 @@ class TestThrottle:
         due = throttle.due(6_000)
         assert due is not None
         assert (due.slots.tolist(), due.t.tolist(), due.stats["mean"].tolist()) == ([0], [12], [3.0])
+
+
+class TestFlowControl:
+    LATENCY = LatencyConfig(max_batch_delay_ns=1_000_000, max_batch_size=100)
+
+    def test_an_idle_worker_gets_ticks_at_once(self) -> None:
+        """Nothing in flight: a single buffered tick leaves immediately, whatever its age."""
+        assert send_now(Outbox(ticks=1, oldest_ns=1_000), 0, self.LATENCY, now_ns=1_000)
+
+    def test_a_busy_worker_waits_until_an_ack_or_a_bound(self) -> None:
+        """In flight: wait; leave at max_batch_size ticks or max_batch_delay after the oldest tick."""
+        young = Outbox(ticks=99, oldest_ns=1_000)
+        assert not send_now(young, 500, self.LATENCY, now_ns=1_000 + 999_999)
+        assert send_now(young, 500, self.LATENCY, now_ns=1_000 + 1_000_000)
+        assert send_now(Outbox(ticks=100, oldest_ns=1_000), 500, self.LATENCY, now_ns=1_000)
+
+
+class TestSupervisorCollector:
+    def test_scrape_time_view_becomes_samples(self) -> None:
+        """Liveness, restarts, backlog and reloads come from the view at scrape time, labelled by worker."""
+        state = {"up": {"0": True, "1": False}, "backlog": {"0": 0, "1": 42}}
+        view = SupervisorView(
+            processes=list,
+            worker_up=lambda: state["up"],
+            restarts=lambda: {"0": 0, "1": 3},
+            ingest_restarts=lambda: {"0": 1},
+            backlog=lambda: state["backlog"],
+            reloads=lambda: {"success": 2, "failure": 1},
+            version="9.9",
+            config_hash=lambda: "abc",
+        )
+        registry = CollectorRegistry()
+        registry.register(SupervisorCollector(view))
+        assert registry.get_sample_value("streamd_worker_up", {"worker": "1"}) == 0.0
+        assert registry.get_sample_value("streamd_worker_restarts_total", {"worker": "1"}) == 3
+        assert registry.get_sample_value("streamd_ingest_restarts_total", {"ingest": "0"}) == 1
+        assert registry.get_sample_value("streamd_worker_backlog_ticks", {"worker": "1"}) == 42
+        assert registry.get_sample_value("streamd_config_reloads_total", {"result": "failure"}) == 1
+        assert registry.get_sample_value("streamd_build_info", {"version": "9.9", "config_hash": "abc"}) == 1
+        state["up"]["1"] = True
+        assert registry.get_sample_value("streamd_worker_up", {"worker": "1"}) == 1.0
