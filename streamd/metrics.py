@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -129,6 +129,23 @@ class WorkerMetrics:
         ).labels(label)
 
 
+class AuthMetrics:
+    """CURVE handshakes refused on a public socket, written by the process that owns it.
+
+    ``endpoint`` is the kind of socket, ``ingest`` or ``publish``: never the peer or its key,
+    which go to the (rate-limited) log instead.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.failures = Counter(
+            "streamd_auth_failures_total",
+            "CURVE handshakes that failed: a client key not authorized, a client without CURVE or with the "
+            "wrong server key, or (sub mode) the feed refusing streamd's key.",
+            ["endpoint"],
+            registry=registry,
+        )
+
+
 @dataclass
 class ProcessInfo:
     role: str
@@ -213,9 +230,33 @@ class SupervisorCollector(Collector):
         yield fds
 
 
-def serving_registry(multiproc_dir: str, view: SupervisorView) -> CollectorRegistry:
-    """The registry behind /metrics: every child's mmap files plus the supervisor's view."""
+class _MergedCollector(Collector):
+    """The children's multiprocess files plus the supervisor's own metrics, one family per name.
+
+    The supervisor imported prometheus-client before it chose the multiprocess directory, so
+    its own counters live in its memory, not in those files. A metric that both write (such as
+    ``streamd_auth_failures_total``: ingest and publish) must still be one family: a second
+    ``# TYPE`` line for a name makes Prometheus reject the whole scrape.
+    """
+
+    def __init__(self, multiproc_dir: str, own: tuple[Collector, ...]) -> None:
+        self._parts = (MultiProcessCollector(None, path=multiproc_dir), *own)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for part in self._parts:
+            for family in part.collect():
+                if family.name in families:
+                    kept = [s for s in family.samples if not s.name.endswith("_created")]
+                    families[family.name].samples.extend(kept)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+
+
+def serving_registry(multiproc_dir: str, view: SupervisorView, *own: Collector) -> CollectorRegistry:
+    """The registry behind /metrics: every child's mmap files, the supervisor's view and its ``own`` metrics."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    registry.register(_MergedCollector(multiproc_dir, own))
     registry.register(SupervisorCollector(view))
     return registry
