@@ -20,7 +20,7 @@ import zmq
 
 from streamd import __version__
 from streamd.config import MAX_BATCH_SIZE, MAX_WORKERS, ConfigError, endpoint_problem, load_config, with_overrides
-from streamd.keys import KeyFileError
+from streamd.keys import KeyFileError, read_authorized_keys
 from streamd.replay import ReplayError
 from streamd.runtime import StartupError
 
@@ -204,7 +204,10 @@ def _check(args: argparse.Namespace) -> int:
         raise ConfigError(msg)
     config = load_config(args.file)
     names = ", ".join(s.name for s in config.signals)
-    print(f"{args.file}: OK ({len(config.signals)} signals: {names}; config hash {config.digest()})")
+    curve = ""
+    if config.security is not None:
+        curve = f"; CURVE on, {len(read_authorized_keys(config.security.curve_authorized_keys))} authorized keys"
+    print(f"{args.file}: OK ({len(config.signals)} signals: {names}{curve}; config hash {config.digest()})")
     return 0
 
 

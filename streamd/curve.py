@@ -120,6 +120,10 @@ class CurveGuard:
         self.events = ctx.socket(zmq.PAIR)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.connect(monitor_endpoint)
+        if authorized_dir is None:
+            log.info("CURVE on, as the feed's client", extra={"endpoint": kind})
+        else:
+            log.info("CURVE on", extra={"endpoint": kind, "authorized_keys": len(self.authorized)})
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"curve-{kind}", daemon=True)
         self._thread.start()
