@@ -20,6 +20,7 @@ import zmq
 
 from streamd import __version__
 from streamd.config import MAX_BATCH_SIZE, MAX_WORKERS, ConfigError, endpoint_problem, load_config, with_overrides
+from streamd.keys import KeyFileError, read_authorized_keys
 from streamd.replay import ReplayError
 from streamd.runtime import StartupError
 
@@ -113,6 +114,10 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("--key", "STREAMD_KEY", _text, None, "only this key"),
         Option("--count", "STREAMD_COUNT", _int_between(0, 2**63 - 1), 0, "stop after this many rows, 0 = never"),
     ),
+    "keygen": (
+        Option("dir", "STREAMD_KEYGEN_DIR", _file_path, None, "directory to write NAME.key and NAME.key_secret in"),
+        Option("--name", "STREAMD_KEYGEN_NAME", _text, "server", "file name of the keypair"),
+    ),
     "replay": (
         Option("--endpoint", "STREAMD_REPLAY_ENDPOINT", _endpoint, "tcp://127.0.0.1:5555", "an ingest endpoint"),
         Option(
@@ -142,6 +147,7 @@ _COMMAND_HELP = {
     "gateway": "merge every cluster instance's signals onto one endpoint",
     "demo": "run on the built-in config with a synthetic feed, printing signals",
     "tail": "print signals from a running daemon",
+    "keygen": "write a CURVE keypair (NAME.key public, NAME.key_secret private, 0600)",
     "replay": "publish ticks from a CSV file (k,t,p,q header)",
 }
 
@@ -200,7 +206,10 @@ def _check(args: argparse.Namespace) -> int:
         raise ConfigError(msg)
     config = load_config(args.file)
     names = ", ".join(s.name for s in config.signals)
-    print(f"{args.file}: OK ({len(config.signals)} signals: {names}; config hash {config.digest()})")
+    curve = ""
+    if config.security is not None:
+        curve = f"; CURVE on, {len(read_authorized_keys(config.security.curve_authorized_keys))} authorized keys"
+    print(f"{args.file}: OK ({len(config.signals)} signals: {names}{curve}; config hash {config.digest()})")
     return 0
 
 
@@ -225,6 +234,18 @@ def _tail(args: argparse.Namespace) -> int:
     return tail(args.endpoint, signal=args.signal, key=args.key, count=args.count)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from streamd.keys import read_public_key, write_keypair
+
+    if args.dir is None:
+        msg = "keygen: give a directory (or set STREAMD_KEYGEN_DIR)"
+        raise ConfigError(msg)
+    public, secret = write_keypair(args.dir, args.name)
+    print(f"{public}: public key {read_public_key(public).decode()} (give it out; mode 0644)")
+    print(f"{secret}: secret key (keep it private; mode 0600)")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     from streamd.replay import replay
 
@@ -237,6 +258,7 @@ COMMANDS = {
     "gateway": _gateway,
     "demo": _demo,
     "tail": _tail,
+    "keygen": _keygen,
     "replay": _replay,
 }
 
@@ -246,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _from_environment(args)
         return COMMANDS[args.command](args)
-    except (ConfigError, StartupError, ReplayError, zmq.ZMQError, OSError) as exc:
+    except (ConfigError, KeyFileError, StartupError, ReplayError, zmq.ZMQError, OSError) as exc:
         print(f"streamd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

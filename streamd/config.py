@@ -18,6 +18,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from streamd.keys import KeyFileError, read_authorized_keys, read_keypair, read_public_key
+
 WindowKind = Literal["time", "count", "ewma"]
 IngestMode = Literal["pull", "sub"]
 PublishMode = Literal["record", "batch"]
@@ -177,6 +179,20 @@ class GatewayConfig:
     sndhwm: int = 1_000_000
 
 
+@dataclass(frozen=True)
+class SecurityConfig:
+    """CURVE on every public socket (the ingest endpoints and the publish endpoint).
+
+    Only paths: they were checked at load, and each process reads the keys itself at start-up,
+    so no secret travels in the pickled config or shows in its repr. ``curve_feed_public_key``
+    is the feed publisher's public key, needed (only) in sub mode, where streamd is the client.
+    """
+
+    curve_secret_key: str
+    curve_authorized_keys: str
+    curve_feed_public_key: str | None = None
+
+
 DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("px1s", "time", 1_000_000_000, ("count", "mean", "std", "min", "max", "vwap", "last", "zscore")),
     SignalSpec("mean100", "count", 100, ("mean", "std")),
@@ -196,6 +212,7 @@ class Config:
     signals: tuple[SignalSpec, ...] = DEFAULT_SIGNALS
     cluster: ClusterConfig | None = None
     gateway: GatewayConfig | None = None
+    security: SecurityConfig | None = None
     source: str = "<built-in>"
 
     def digest(self) -> str:
@@ -404,6 +421,62 @@ def _build_gateway(raw: Mapping[str, Any]) -> GatewayConfig | None:
     )
 
 
+def _key_path(value: object, key: str, relative_to: Path) -> str:
+    text = _expect(value, str, key, "a file or directory path")
+    if not text:
+        msg = f"{key}: expected a path, got an empty string"
+        raise ConfigError(msg)
+    return str(relative_to / text)
+
+
+def _checked(read: Any, path: str, key: str) -> None:
+    try:
+        read(path)
+    except KeyFileError as exc:
+        msg = f"{key}: {exc}"
+        raise ConfigError(msg) from None
+
+
+def _build_security(raw: Mapping[str, Any], mode: IngestMode, config_dir: Path) -> SecurityConfig | None:
+    """Paths resolved and every key file read once, so a missing or bad key fails at load.
+
+    A relative ``curve_secret_key`` is looked up in ``$CREDENTIALS_DIRECTORY`` when systemd
+    set it (``LoadCredential=``), else next to the config file, so the same config passes
+    ``check-config`` outside the unit and runs inside it. The other paths are relative to
+    the config file.
+    """
+    if "security" not in raw:
+        return None
+    allowed = {"curve_secret_key", "curve_authorized_keys", "curve_feed_public_key"}
+    table = _table(raw, "security", allowed)
+    for required in ("curve_secret_key", "curve_authorized_keys"):
+        if required not in table:
+            msg = f"security.{required}: required (see docs/deploy.md, 'CURVE')"
+            raise ConfigError(msg)
+    feed_key = "security.curve_feed_public_key"
+    if mode == "sub" and "curve_feed_public_key" not in table:
+        msg = f"{feed_key}: required in ingest.mode = 'sub' (the public key of the feed streamd connects to)"
+        raise ConfigError(msg)
+    if mode == "pull" and "curve_feed_public_key" in table:
+        msg = f"{feed_key}: only used in ingest.mode = 'sub'; in pull mode producers are clients, remove it"
+        raise ConfigError(msg)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    security = SecurityConfig(
+        curve_secret_key=_key_path(
+            table["curve_secret_key"], "security.curve_secret_key", Path(credentials) if credentials else config_dir
+        ),
+        curve_authorized_keys=_key_path(table["curve_authorized_keys"], "security.curve_authorized_keys", config_dir),
+        curve_feed_public_key=None
+        if mode == "pull"
+        else _key_path(table["curve_feed_public_key"], feed_key, config_dir),
+    )
+    _checked(read_keypair, security.curve_secret_key, "security.curve_secret_key")
+    _checked(read_authorized_keys, security.curve_authorized_keys, "security.curve_authorized_keys")
+    if security.curve_feed_public_key is not None:
+        _checked(read_public_key, security.curve_feed_public_key, feed_key)
+    return security
+
+
 def _build_signal(table: object, key: str) -> SignalSpec:
     _expect(table, dict, key, "a table")
     assert isinstance(table, dict)
@@ -462,12 +535,25 @@ def _build_signals(raw: Mapping[str, Any]) -> tuple[SignalSpec, ...]:
     return specs
 
 
-def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
-    """Build and validate a :class:`Config` from parsed TOML."""
-    allowed = {"ingest", "latency", "workers", "publish", "metrics", "log", "shutdown", "signal", "cluster", "gateway"}
+def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>", config_dir: Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML; relative key paths start at ``config_dir``."""
+    allowed = {
+        "ingest",
+        "latency",
+        "workers",
+        "publish",
+        "metrics",
+        "log",
+        "shutdown",
+        "signal",
+        "cluster",
+        "gateway",
+        "security",
+    }
     _reject_unknown(raw, allowed, "")
+    ingest = _build_ingest(raw)
     return Config(
-        ingest=_build_ingest(raw),
+        ingest=ingest,
         latency=_build_latency(raw),
         workers=_build_workers(raw),
         publish=_build_publish(raw),
@@ -477,6 +563,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         signals=_build_signals(raw),
         cluster=_build_cluster(raw),
         gateway=_build_gateway(raw),
+        security=_build_security(raw, ingest.mode, config_dir or Path.cwd()),
         source=source,
     )
 
@@ -507,7 +594,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if not raw:
         msg = f"{file}: no settings at all (empty, or only comments); see deploy/streamd.toml for a full example"
         raise ConfigError(msg)
-    return config_from_mapping(raw, source=str(file))
+    return config_from_mapping(raw, source=str(file), config_dir=file.absolute().parent)
 
 
 def with_overrides(config: Config, *, workers: int | None = None) -> Config:

@@ -27,6 +27,7 @@ import zmq
 
 from streamd.config import Config, LatencyConfig
 from streamd.control import Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
+from streamd.curve import secure_input
 from streamd.ledger import TickLedger
 from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
@@ -143,6 +144,7 @@ class Ingest:
         sock = self.ctx.socket(zmq.PULL if ingest.mode == "pull" else zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, ingest.rcvhwm)
+        self.curve = secure_input(self.ctx, sock, self.config, self.log)
         try:
             if ingest.mode == "pull":
                 sock.bind(self.endpoint)
@@ -361,6 +363,8 @@ class Ingest:
         self.config = config
         apply_log_config(config.log)
         self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
+        if self.curve is not None:
+            self.curve.reload()
         self._dispatch()
         self.log.info("batching and logging reloaded")
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
@@ -143,6 +142,23 @@ class WorkerMetrics:
         ).labels(label)
 
 
+class AuthMetrics:
+    """CURVE handshakes refused on a public socket, written by the process that owns it.
+
+    ``endpoint`` is the kind of socket, ``ingest`` or ``publish``: never the peer or its key,
+    which go to the (rate-limited) log instead.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.failures = Counter(
+            "streamd_auth_failures_total",
+            "CURVE handshakes that failed: a client key not authorized, a client without CURVE or with the "
+            "wrong server key, or (sub mode) the feed refusing streamd's key.",
+            ["endpoint"],
+            registry=registry,
+        )
+
+
 @dataclass
 class ProcessInfo:
     role: str
@@ -234,22 +250,42 @@ class SupervisorCollector(Collector):
         yield fds
 
 
-class _LockedCollector(Collector):
-    """Every child's mmap files, read under the lock that :func:`archive_dead_process` holds."""
+class _MergedCollector(Collector):
+    """The children's multiprocess files plus the supervisor's own metrics, one family per name.
 
-    def __init__(self, inner: MultiProcessCollector, lock: threading.Lock) -> None:
-        self._inner = inner
+    The supervisor imported prometheus-client before it chose the multiprocess directory, so
+    its own counters live in its memory, not in those files. A metric that both write (such as
+    ``streamd_auth_failures_total``: ingest and publish) must still be one family: a second
+    ``# TYPE`` line for a name makes Prometheus reject the whole scrape. The files are read under
+    the lock that :func:`archive_dead_process` holds.
+    """
+
+    def __init__(self, multiproc_dir: str, lock: threading.Lock, own: tuple[Collector, ...]) -> None:
+        self._files = MultiProcessCollector(None, path=multiproc_dir)  # type: ignore[no-untyped-call]
         self._lock = lock
+        self._own = own
 
-    def collect(self) -> Iterable[Any]:
+    def collect(self) -> Iterator[Metric]:
         with self._lock:
-            return list(self._inner.collect())  # type: ignore[no-untyped-call]
+            parts = [list(self._files.collect())]  # type: ignore[no-untyped-call]
+        parts += [list(collector.collect()) for collector in self._own]
+        families: dict[str, Metric] = {}
+        for part in parts:
+            for family in part:
+                if family.name in families:
+                    kept = [s for s in family.samples if not s.name.endswith("_created")]
+                    families[family.name].samples.extend(kept)
+                else:
+                    families[family.name] = family
+        yield from families.values()
 
 
-def serving_registry(multiproc_dir: str, view: SupervisorView, lock: threading.Lock) -> CollectorRegistry:
-    """The registry behind /metrics: every child's mmap files plus the supervisor's view."""
+def serving_registry(
+    multiproc_dir: str, view: SupervisorView, lock: threading.Lock, *own: Collector
+) -> CollectorRegistry:
+    """The registry behind /metrics: every child's mmap files, the supervisor's view and its ``own`` metrics."""
     registry = CollectorRegistry()
-    registry.register(_LockedCollector(MultiProcessCollector(None, path=multiproc_dir), lock))  # type: ignore[no-untyped-call]
+    registry.register(_MergedCollector(multiproc_dir, lock, own))
     registry.register(SupervisorCollector(view))
     return registry
 

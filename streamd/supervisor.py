@@ -12,6 +12,7 @@ the replacement starts) advanced on each pass of the loop. Children are started 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,7 @@ from streamd import __version__
 from streamd.children import ChildProcess, RestartPolicy
 from streamd.config import Config, ConfigError, load_config
 from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
+from streamd.curve import secure_publish
 from streamd.ingest import IngestStart, ingest_main
 from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
@@ -61,10 +63,11 @@ class Progress:
 class Forwarder:
     """XSUB (workers connect) -> XPUB (users subscribe) proxy running in a C-level thread."""
 
-    def __init__(self, ctx: zmq.Context[Any], inside: str, outside: str, sndhwm: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], inside: str, outside: str, sndhwm: int, config: Config) -> None:
         self._ctx = ctx
         self.xsub = ctx.socket(zmq.XSUB)
         self.xpub = ctx.socket(zmq.XPUB)
+        self.curve = secure_publish(ctx, self.xpub, config, logging.getLogger("supervisor"))
         self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
         self.xsub.setsockopt(zmq.RCVHWM, sndhwm)
         for sock in (self.xsub, self.xpub):
@@ -98,6 +101,8 @@ class Forwarder:
         self._steer.close(0)
 
     def close_sockets(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
         self.xsub.close(0)
         self.xpub.close(0)
 
@@ -140,7 +145,11 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.paths.metrics_dir
         self.ctx = zmq.Context()
         self.forwarder = Forwarder(
-            self.ctx, self.paths.forwarder_endpoint, self.config.publish.endpoint, self.config.publish.sndhwm
+            self.ctx,
+            self.paths.forwarder_endpoint,
+            self.config.publish.endpoint,
+            self.config.publish.sndhwm,
+            self.config,
         )
         try:
             self._serve_metrics()
@@ -177,7 +186,8 @@ class Supervisor:
             config_hash=self._config_digest,
         )
         host, port = self.config.metrics.host_port()
-        self.registry = serving_registry(self.paths.metrics_dir, view, self.metrics_lock)
+        own = [] if self.forwarder.curve is None else [self.forwarder.curve.metrics.failures]
+        self.registry = serving_registry(self.paths.metrics_dir, view, self.metrics_lock, *own)
         try:
             self.http_server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
@@ -363,7 +373,13 @@ class Supervisor:
             self.log.error("config reload rejected, keeping the running config", extra={"error": str(exc)})
             self.notifier.ready()
             return
-        fixed = {"ingest": new.ingest, "publish": new.publish, "metrics": new.metrics, "workers": new.workers}
+        fixed = {
+            "ingest": new.ingest,
+            "publish": new.publish,
+            "metrics": new.metrics,
+            "workers": new.workers,
+            "security": new.security,
+        }
         changed = [name for name, value in fixed.items() if getattr(self.config, name) != value]
         if changed:
             self.log.warning(
@@ -375,8 +391,11 @@ class Supervisor:
             publish=self.config.publish,
             metrics=self.config.metrics,
             workers=self.config.workers,
+            security=self.config.security,
         )
         apply_log_config(self.config.log)
+        if self.forwarder.curve is not None:
+            self.forwarder.curve.reload()
         for child in self._children():
             child.send(Reload(self.config))
         self.reloads["success"] += 1

@@ -243,11 +243,16 @@ def make_ticks(
 class Subscriber:
     """A SUB socket on the daemon's signal endpoint that collects decoded records."""
 
-    def __init__(self, daemon: Daemon, topic: bytes = b"") -> None:
+    def __init__(
+        self, daemon: Daemon, topic: bytes = b"", setup: Callable[[zmq.Socket[Any]], None] | None = None
+    ) -> None:
+        """``setup`` configures the socket before it connects (e.g. CURVE keys)."""
         self.daemon = daemon
         self.sock = daemon.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        if setup is not None:
+            setup(self.sock)
         self.sock.connect(daemon.publish)
         self.records: list[dict[str, Any]] = []
         self.topics: list[bytes] = []
