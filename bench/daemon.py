@@ -9,10 +9,11 @@ mode and 1 or N ingest endpoints. For each case, in this order:
 2. a capacity probe: a fresh daemon offered input as fast as the generators go; the slope of
    ``streamd_ticks_processed_total`` over the probe is its capacity under overload;
 3. the sustained-rate search: fresh daemons offered ``1.0, 0.85, 0.7 ...`` of that capacity until
-   one step passes. A step passes when no tick was dropped, the generators achieved the offered
-   rate (a full input queue blocks PUSH, so falling short means the daemon pushed back), the
-   backlog at the end of the load was under half a second of input, and received == processed
-   soon after the load. In full mode the passing rate is confirmed by a longer run.
+   one step passes (``1.25`` and ``1.5`` are tried too when ``1.0`` passes). A step passes when no
+   tick was dropped, the generators achieved the offered rate (a full input queue blocks PUSH, so
+   falling short means the daemon pushed back), the backlog at the end of the load was under half
+   a second of input, and received == processed soon after the load. In full mode each passing
+   rate is confirmed by a longer run.
 
 Every step runs on a freshly started daemon with its own subscriber: input still queued after an
 overloaded step would interleave with the next generator's newer event times and be dropped,
@@ -41,6 +42,7 @@ from bench.report import Table, rate
 
 DROP_REASONS = ("overflow", "late", "worker_lost", "bad_key", "bad_time", "bad_price", "bad_qty", "bad_tick")
 STEP_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.12)
+STEPS_UP = (1.25, 1.5)
 WORKERS = 2
 N_ENDPOINTS = 2
 
@@ -228,30 +230,42 @@ def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float, 
 
 
 def find_sustained(case: Case, quick: bool) -> dict[str, Any]:
-    """Capacity probe, then steps down from it until one passes; in full mode a longer confirmation."""
+    """Capacity probe, then steps down from it until one passes (or up while the probe rate passes);
+    in full mode each passing step is confirmed by a longer run."""
     plan = timing(quick)
     capacity = probe_capacity(case, plan["probe"])
     steps: list[dict[str, Any]] = []
     passed: dict[str, Any] | None = None
     for fraction in STEP_FRACTIONS:
-        result = step(case, fraction * capacity, plan["step"], quick)
-        steps.append(result)
-        if not result["passed"]:
+        result = passing_step(case, fraction * capacity, quick, steps)
+        if result is None:
             continue
-        if not plan["confirm"]:
-            passed = result
-            break
-        confirmed = step(case, result["offered"], plan["confirm"], quick)
-        steps.append(confirmed)
-        if confirmed["passed"]:
-            passed = confirmed
-            break
+        passed = result
+        if fraction == 1.0:  # the overload probe may under-estimate: try higher
+            for higher in STEPS_UP:
+                result = passing_step(case, higher * capacity, quick, steps)
+                if result is None:
+                    break
+                passed = result
+        break
     return {
         "capacity_probe": capacity,
         "steps": steps,
         "sustained": passed["offered"] if passed else 0.0,
         "at_sustained": passed,
     }
+
+
+def passing_step(case: Case, ticks_per_s: float, quick: bool, steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One step (plus its confirmation in full mode), appended to ``steps``; the passing result or None."""
+    plan = timing(quick)
+    result = step(case, ticks_per_s, plan["step"], quick)
+    steps.append(result)
+    if not result["passed"] or not plan["confirm"]:
+        return result if result["passed"] else None
+    confirmed = step(case, ticks_per_s, plan["confirm"], quick)
+    steps.append(confirmed)
+    return confirmed if confirmed["passed"] else None
 
 
 # -- the section ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from bench.report import RESULTS_DIR, Table, print_tables, rate
 
 MODEL_FEED = "10,000 keys, Zipf"
 MODEL_FORM = "list"
-MODEL_BATCH = 1_000
+MODEL_BATCH = 10_000  # at capacity a worker drains its backlog in large batches (max_batch_size and more)
 CORES = (4, 8, 16)
 ENDPOINTS = (1, 4)
 PUBLISH_MODES = ("batch", "record")
