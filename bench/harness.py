@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,19 +30,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.ticks import feed_part, generate, symbols
 from streamd.protocol import encode_columnar_bin
+from tests.helpers import free_port, start_daemon
 
-REPO = Path(__file__).resolve().parent.parent
 CONTEXT = mp.get_context("spawn")
 _MARK = 2**63 + 0x5EED  # encodes as msgpack uint64 (0xcf + 8 bytes): a fixed-width slot to stamp into
 _MARK_BYTES = b"\xcf" + _MARK.to_bytes(8, "big")
 COLUMNAR_BATCH = 1_000
 ROLES = ("ingest", "worker", "supervisor")  # the role label of streamd_process_cpu_seconds_total
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -148,18 +141,7 @@ class Daemon:
         path.write_text(
             config_text(self.ingests, self.publish, metrics, self.workers, self.options, self.max_batch_delay)
         )
-        log = (Path(self.workdir) / "streamd.log").open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamd", "run", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=self.workdir,
-            env=env,
-        )
+        self.process = start_daemon(path, Path(self.workdir) / "streamd.log", own_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -237,11 +219,12 @@ def running_daemon(
     workers: int, options: SignalOptions, max_batch_delay: str = "1ms", endpoints: int = 1
 ) -> Iterator[Daemon]:
     daemon = Daemon(workers, options, max_batch_delay, endpoints)
-    daemon.start()
     try:
+        daemon.start()
         yield daemon
     finally:
         daemon.stop()
+        shutil.rmtree(daemon.workdir, ignore_errors=True)
 
 
 # -- payloads -------------------------------------------------------------------------------
