@@ -307,10 +307,12 @@ class Payloads:
         """Message ``index`` (cyclic) with every tick's event time set to ``t_ns``."""
         if self.form == "map":
             head, tail = self.templates[index % len(self.templates)]
-            return head + struct.pack(">Q", t_ns) + tail
+            message: bytes = head + struct.pack(">Q", t_ns) + tail
+            return message
         i = index % len(self.templates)
         self.views[i][:] = t_ns
-        return self.templates[i]
+        template: bytearray = self.templates[i]
+        return template
 
 
 # -- processes: generator, raw receiver, subscriber ------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,10 +24,10 @@ import zmq
 from bench.harness import (
     CONTEXT,
     HDR_BUCKETS,
+    Daemon,
     Feed,
     SignalOptions,
     finish,
-    free_port,
     hdr_quantiles,
     offer_load,
     running_daemon,
@@ -34,6 +35,7 @@ from bench.harness import (
 )
 from bench.report import Table, verdict
 from bench.ticks import symbols
+from tests.helpers import free_port
 
 LOADS = (1_000, 10_000, 50_000)
 TARGET_LOAD = 10_000
@@ -112,7 +114,7 @@ class Echo:
 # -- one loaded run, and idle round trips (the same code for both contenders) --------------------
 
 
-def loaded_run(target: Target, load: int, duration: float, settle: Any) -> dict[str, Any]:
+def loaded_run(target: Target, load: int, duration: float, settle: Callable[[], object]) -> dict[str, Any]:
     """Offer ``load`` ticks/s for ``duration`` s; the subscriber's latency quantiles (ns)."""
     settle()
     subscriber = start_subscriber(target.publish, TOPIC, measure_latency=True, warmup_s=0.5)
@@ -183,58 +185,36 @@ def load_verdict(daemon_ms: list[float], echo_ms: list[float]) -> tuple[str, str
     return target, verdict(min(p50_limit / daemon_ms[0], p99_limit / daemon_ms[1]), 1.0)
 
 
-def run(quick: bool, earlier: dict[str, Any]) -> dict[str, Any]:
-    runs, duration, idle_n = (2, 2.0, 40) if quick else (3, 10.0, 200)
+Contenders = dict[str, tuple[Target, Callable[[], object]]]
+
+
+def measure_load(daemon: Daemon, contenders: Contenders, load: int, runs: int, duration: float) -> dict[str, Any]:
+    """``runs`` interleaved runs of each contender at ``load``, and the daemon's own latency histogram."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    before = dict(daemon.scrape().buckets("streamd_latency_seconds"))
+    for _ in range(runs):
+        for name, (contender, settle) in contenders.items():
+            results[name].append(loaded_run(contender, load, duration, settle))
+    after = daemon.scrape().buckets("streamd_latency_seconds")
+    delta = [(bound, count - before.get(bound, 0.0)) for bound, count in after]
+    internal = [histogram_quantile(delta, q) * 1e3 for q in (0.5, 0.99, 0.999)]
+    return {"runs": results, "ms": {name: medians_ms(r) for name, r in results.items()}, "daemon_internal_ms": internal}
+
+
+def load_table(loads: dict[int, dict[str, Any]], runs: int, duration: float) -> Table:
     table = Table(
         f"(d) Latency, send -> subscriber receive: daemon vs trivial echo ({N_KEYS:,} string keys, single-tick "
         f"maps); median of {runs} interleaved runs x {duration:.0f} s",
         ["offered ticks/s", "contender", "records", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "target", "verdict"],
     )
-    idle_table = Table(
-        f"(d) Idle round trip: one tick -> its record, {idle_n} ticks 50 ms apart",
-        ["contender", "round trips", "p50 ms", "p90 ms", "max ms", "target", "verdict"],
-    )
-    data: dict[str, Any] = {}
-    echo = Echo.start()
-    try:
-        with running_daemon(0, SignalOptions()) as daemon:
-            contenders: dict[str, tuple[Target, Any]] = {
-                "echo": (echo, lambda: None),
-                "daemon": (daemon, lambda: daemon.wait_idle(5.0)),
-            }
-            idle = {name: idle_round_trips(target, idle_n) for name, (target, _) in contenders.items()}
-            for load in LOADS:
-                results: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
-                before = daemon.scrape().buckets("streamd_latency_seconds")
-                for _ in range(runs):
-                    for name, (target, settle) in contenders.items():
-                        results[name].append(loaded_run(target, load, duration, settle))
-                after = daemon.scrape().buckets("streamd_latency_seconds")
-                delta = [(bound, count - dict(before).get(bound, 0.0)) for bound, count in after]
-                ms = {name: medians_ms(r) for name, r in results.items()}
-                for name in contenders:
-                    target = result = ""
-                    if name == "daemon" and load == TARGET_LOAD:
-                        target, result = load_verdict(ms["daemon"], ms["echo"])
-                    records = sum(r["records"] for r in results[name])
-                    table.add(f"{load:,}", name, f"{records:,}", *(f"{v:.2f}" for v in ms[name]), target, result)
-                data[str(load)] = results | {
-                    "daemon_internal_ms": [histogram_quantile(delta, q) * 1e3 for q in (0.5, 0.99, 0.999)]
-                }
-    finally:
-        echo.stop()
-    for name, samples in idle.items():
-        target = result = ""
-        if name == "daemon" and samples and idle["echo"]:
-            limit = statistics.median(idle["echo"]) * 1e3 + 1.0
-            target = f"p50 <= echo p50 + 1 ms = {limit:.2f} ms"
-            result = verdict(limit / (statistics.median(samples) * 1e3), 1.0)
-        ms = sorted(s * 1e3 for s in samples) or [float("nan")]
-        p90 = ms[int(0.9 * (len(ms) - 1))]
-        idle_table.add(
-            name, len(samples), f"{statistics.median(ms):.2f}", f"{p90:.2f}", f"{ms[-1]:.2f}", target, result
-        )
-    data["idle_s"] = idle
+    for load, measured in loads.items():
+        ms = measured["ms"]
+        for name, runs_of in measured["runs"].items():
+            goal = result = ""
+            if name == "daemon" and load == TARGET_LOAD:
+                goal, result = load_verdict(ms["daemon"], ms["echo"])
+            records = sum(r["records"] for r in runs_of)
+            table.add(f"{load:,}", name, f"{records:,}", *(f"{v:.2f}" for v in ms[name]), goal, result)
     table.notes += [
         "Daemon: built-in three signals in record mode (one message per key per batch, no emit_interval), "
         "max_batch_delay 1ms, workers = one per core; started with start_new_session=True (its own session and "
@@ -250,9 +230,40 @@ def run(quick: bool, earlier: dict[str, Any]) -> dict[str, Any]:
         "Daemon's own streamd_latency_seconds (ingest receive -> publish) per load is in the results JSON "
         "(daemon_internal_ms, p50/p99/p99.9).",
     ]
-    idle_table.notes.append(
+    table.data = {str(load): measured for load, measured in loads.items()}
+    return table
+
+
+def idle_table(idle: dict[str, list[float]], n: int) -> Table:
+    table = Table(
+        f"(d) Idle round trip: one tick -> its record, {n} ticks 50 ms apart",
+        ["contender", "round trips", "p50 ms", "p90 ms", "max ms", "target", "verdict"],
+    )
+    for name, samples in idle.items():
+        goal = result = ""
+        if name == "daemon" and samples and idle["echo"]:
+            limit = statistics.median(idle["echo"]) * 1e3 + 1.0
+            goal = f"p50 <= echo p50 + 1 ms = {limit:.2f} ms"
+            result = verdict(limit / (statistics.median(samples) * 1e3), 1.0)
+        sorted_ms = sorted(s * 1e3 for s in samples) or [float("nan")]
+        p50, p90 = statistics.median(sorted_ms), sorted_ms[int(0.9 * (len(sorted_ms) - 1))]
+        table.add(name, len(samples), f"{p50:.2f}", f"{p90:.2f}", f"{sorted_ms[-1]:.2f}", goal, result)
+    table.notes.append(
         "One PUSH and one SUB socket in the benchmark process; each tick waits for its own record before the "
         "next is sent, so nothing queues: this is the fixed cost of a hop through each contender."
     )
-    table.data = data
-    return {"title": "4. (d) Latency", "tables": [table, idle_table]}
+    table.data = {"idle_s": idle}
+    return table
+
+
+def run(quick: bool, earlier: dict[str, Any]) -> dict[str, Any]:
+    runs, duration, idle_n = (2, 2.0, 40) if quick else (3, 10.0, 200)
+    echo = Echo.start()
+    try:
+        with running_daemon(0, SignalOptions()) as daemon:
+            contenders: Contenders = {"echo": (echo, lambda: None), "daemon": (daemon, lambda: daemon.wait_idle(5.0))}
+            idle = {name: idle_round_trips(contender, idle_n) for name, (contender, _) in contenders.items()}
+            loads = {load: measure_load(daemon, contenders, load, runs, duration) for load in LOADS}
+    finally:
+        echo.stop()
+    return {"title": "4. (d) Latency", "tables": [load_table(loads, runs, duration), idle_table(idle, idle_n)]}

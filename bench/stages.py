@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.harness import CONTEXT, free_port
+from bench.harness import CONTEXT
 from bench.report import Table, rate
 from bench.ticks import Ticks, generate, symbols
 from streamd.config import DEFAULT_SIGNALS
 from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.sharding import shard_for
 from streamd.windows import Engine, SignalResult
+from tests.helpers import free_port
 
 BATCH_SIZES = (100, 1_000, 10_000)
 WORKERS = 2  # the worker count whose batches are recorded (this machine's default)
@@ -227,6 +228,7 @@ def forwarder_capacity(seconds: float) -> dict[str, float]:
     receiver = CONTEXT.Process(target=sink_main, args=(outside, False, ready[1], stop, counted))
     receiver.start()
     ready[1].wait(30)
+    assert proxy.pid is not None
     cpu_before = process_cpu_seconds(proxy.pid)
     sender = CONTEXT.Process(target=record_sender_main, args=(inside, seconds, ready[2], sent))
     sender.start()
