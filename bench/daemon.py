@@ -9,7 +9,7 @@ mode and 1 or N ingest endpoints. For each case, in this order:
 2. a capacity probe: a fresh daemon offered input as fast as the generators go; the slope of
    ``streamd_ticks_processed_total`` over the probe is its capacity under overload;
 3. the sustained-rate search: fresh daemons offered ``1.0, 0.85, 0.7 ...`` of that capacity until
-   one step passes (``1.25`` and ``1.5`` are tried too when ``1.0`` passes). A step passes when no
+   one step passes; when ``1.0`` passes, up by 1.3x per step until one fails (at most 6). A step passes when no
    tick was dropped, the generators achieved the offered rate (a full input queue blocks PUSH, so
    falling short means the daemon pushed back), the backlog at the end of the load was under half
    a second of input, and received == processed soon after the load. In full mode each passing
@@ -42,7 +42,8 @@ from bench.report import Table, rate
 
 DROP_REASONS = ("overflow", "late", "worker_lost", "bad_key", "bad_time", "bad_price", "bad_qty", "bad_tick")
 STEP_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.12)
-STEPS_UP = (1.25, 1.5)
+STEP_UP = 1.3
+MAX_STEPS_UP = 6
 WORKERS = 2
 N_ENDPOINTS = 2
 
@@ -241,9 +242,9 @@ def find_sustained(case: Case, quick: bool) -> dict[str, Any]:
         if result is None:
             continue
         passed = result
-        if fraction == 1.0:  # the overload probe may under-estimate: try higher
-            for higher in STEPS_UP:
-                result = passing_step(case, higher * capacity, quick, steps)
+        if fraction == 1.0:  # the overload probe may under-estimate (throughput can collapse under overload)
+            for up in range(1, MAX_STEPS_UP + 1):
+                result = passing_step(case, STEP_UP**up * capacity, quick, steps)
                 if result is None:
                     break
                 passed = result
