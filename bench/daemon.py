@@ -14,8 +14,8 @@ mode and 1 or N ingest endpoints. For each case, in this order:
    is only a starting point (and a figure of its own). A step passes when no tick was dropped,
    the generators achieved the offered rate (a full input queue blocks PUSH, so falling short
    means the daemon pushed back), the backlog at the end of the load was under half a second of
-   input, and received == processed soon after the load. In full mode the best rate is confirmed
-   by a longer run.
+   input, and all of it was received and processed within 0.5 s + 10% of the step after the
+   load. In full mode the best rate is confirmed by a longer run.
 
 Every step runs on a freshly started daemon with its own subscriber: input still queued after an
 overloaded step would interleave with the next generator's newer event times and be dropped,
@@ -45,6 +45,8 @@ from bench.report import Table, rate
 DROP_REASONS = ("overflow", "late", "worker_lost", "bad_key", "bad_time", "bad_price", "bad_qty", "bad_tick")
 STEP_FACTOR = 1.6
 MAX_STEPS = 6
+MIN_START_SHARE = 0.02  # of the decode floor, when the overload probe saw (almost) nothing processed
+MIN_START = 20_000.0
 WORKERS = 2
 N_ENDPOINTS = 2
 
@@ -78,7 +80,8 @@ def cases(quick: bool) -> list[Case]:
     if quick:
         return [
             Case(zipf10k),
-            Case(uniform100k, "record"),
+            Case(zipf10k, "record"),
+            Case(uniform100k),
             Case(Feed("bin", 10_000)),
             Case(Feed("map", 10_000), "record"),
             Case(zipf10k, endpoints=N_ENDPOINTS),
@@ -106,12 +109,11 @@ def cases(quick: bool) -> list[Case]:
 
 def timing(quick: bool) -> dict[str, float]:
     return {
-        "probe": 2.5 if quick else 5.0,
+        "probe": 2.0 if quick else 5.0,
         "step": 2.0 if quick else 5.0,
         "confirm": 0.0 if quick else 15.0,
-        "raw": 1.5 if quick else 3.0,
+        "raw": 1.0 if quick else 3.0,
         "raw_runs": 1 if quick else 3,
-        "receive_wait": 5.0 if quick else 15.0,
     }
 
 
@@ -174,7 +176,7 @@ def step(case: Case, ticks_per_s: float, duration: float, quick: bool) -> dict[s
     with running_daemon(case.workers, options(case), endpoints=case.endpoints) as daemon:
         subscriber = start_subscriber(daemon.publish)
         try:
-            result = judge_step(daemon, case, ticks_per_s, duration, timing(quick)["receive_wait"])
+            result = judge_step(daemon, case, ticks_per_s, duration)
         finally:
             report = finish(subscriber, 1)[0]
         if not result["passed"]:
@@ -182,7 +184,14 @@ def step(case: Case, ticks_per_s: float, duration: float, quick: bool) -> dict[s
     return result | {"subscriber_messages": report["messages"], "subscriber_cpu_s": report["cpu_s"]}
 
 
-def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float, receive_wait: float) -> dict[str, Any]:
+def catch_up_s(duration: float) -> float:
+    """How long after the load the daemon may take to receive and process all of it: a daemon that
+    keeps up has only what is in flight left. Input sockets buffer up to 100,000 messages, so a
+    generous allowance would let a step pass that only buffered its input."""
+    return 0.5 + 0.1 * duration
+
+
+def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float) -> dict[str, Any]:
     daemon.wait_idle(10.0)
     before = daemon.scrape()
     cpu_before = daemon.counts()
@@ -197,8 +206,10 @@ def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float, 
     )
     end_backlog = daemon.counts()["backlog"]
     # PUSH "accepts" into socket buffers, so wait until the daemon has really received what was sent
-    received_all = daemon.wait_received(before.total("streamd_ticks_received_total") + load["ticks"], receive_wait)
-    idle, cpu_after = daemon.wait_idle(5.0)
+    allowed = catch_up_s(duration)
+    deadline = time.monotonic() + allowed
+    received_all = daemon.wait_received(before.total("streamd_ticks_received_total") + load["ticks"], allowed)
+    idle, cpu_after = daemon.wait_idle(max(deadline - time.monotonic(), 0.0))
     after = daemon.scrape()
     processed = after.total("streamd_ticks_processed_total") - before.total("streamd_ticks_processed_total")
     dropped = after.total("streamd_ticks_dropped_total") - before.total("streamd_ticks_dropped_total")
@@ -215,9 +226,9 @@ def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float, 
     if end_backlog > 0.5 * ticks_per_s:
         reasons.append(f"backlog {end_backlog:.0f} ticks at end")
     if not received_all:
-        reasons.append(f"input not all received {receive_wait:.0f} s after the load")
+        reasons.append(f"input not all received {allowed:.1f} s after the load")
     elif not idle:
-        reasons.append("not drained in 5 s")
+        reasons.append(f"not all processed {allowed:.1f} s after the load")
     ticks = max(load["ticks"], 1)
     return {
         "offered": ticks_per_s,
@@ -237,13 +248,15 @@ def judge_step(daemon: Daemon, case: Case, ticks_per_s: float, duration: float, 
     }
 
 
-def find_sustained(case: Case, quick: bool) -> dict[str, Any]:
+def find_sustained(case: Case, quick: bool, floor: float = 0.0) -> dict[str, Any]:
     """Overload probe; steps of 1.6x from its rate until one passes and one fails; one geometric
     bisection between them; in full mode a longer confirmation of the best rate (0.85x if it fails)."""
     plan = timing(quick)
     overload = processed_under_overload(case, plan["probe"])
     steps: list[dict[str, Any]] = []
-    best, failed = bracket(case, overload, quick, steps)
+    # processed can stand still for a whole probe when a worker merges a deep queue into one call
+    start = overload if overload > MIN_START_SHARE * floor else max(MIN_START_SHARE * floor, MIN_START)
+    best, failed = bracket(case, start, quick, steps)
     if best and failed and step_passes(case, (best * failed) ** 0.5, plan["step"], quick, steps):
         best = (best * failed) ** 0.5
     if best and plan["confirm"]:
@@ -332,7 +345,7 @@ def run(quick: bool, earlier: dict[str, Any]) -> dict[str, Any]:
         if where not in transports:
             transports[where] = measure_transport(case, quick)
         transport = transports[where]
-        found = find_sustained(case, quick)
+        found = find_sustained(case, quick, transport["floor_ticks_per_s"])
         label = case.feed.label() + ("" if case.headline else "  (variant, not headline)")
         table.add(
             label,
