@@ -1,4 +1,8 @@
-"""``python -m bench [--quick] [--only engine,daemon,latency,scaling,decode]``: run, print, save, update docs."""
+"""``python -m bench [--quick] [--only SECTION,...]``: run, print, save, update docs.
+
+Sections run in order and each gets the results of the ones before it (``model`` reads ``stages``
+and ``daemon`` from the same run when they ran).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 from bench.report import RESULTS_DIR, Table, machine, machine_line, print_tables, save, update_docs
 
-SECTIONS = ("engine", "daemon", "latency", "scaling", "decode")
+SECTIONS = ("ticks", "engine", "decode", "daemon", "latency", "stages", "model", "scaling")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         section_start = time.perf_counter()
         print(f"== {name} ==", flush=True)
         module = importlib.import_module(f"bench.{name}")
-        result = module.run(args.quick)
+        result = module.run(args.quick, sections)
         result["elapsed_s"] = time.perf_counter() - section_start
         sections[name] = result
         print_tables(result["tables"])

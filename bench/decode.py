@@ -122,7 +122,7 @@ def target_of(form: str, int_keys: bool, floor: float, ours: float) -> tuple[str
     return f">= {goal}x floor", verdict(ours / floor, goal)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     runs = 5 if quick else 15
     table = Table(
         f"Ingest CPU path per flush, one process: bare unpackb loop (floor) vs streamd decode + route + split "

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,19 +28,15 @@ import numpy as np
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.ticks import generate
+from bench.ticks import feed_part, generate, symbols
+from streamd.protocol import encode_columnar_bin
+from tests.helpers import free_port, start_daemon
 
-REPO = Path(__file__).resolve().parent.parent
 CONTEXT = mp.get_context("spawn")
 _MARK = 2**63 + 0x5EED  # encodes as msgpack uint64 (0xcf + 8 bytes): a fixed-width slot to stamp into
 _MARK_BYTES = b"\xcf" + _MARK.to_bytes(8, "big")
 COLUMNAR_BATCH = 1_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+ROLES = ("ingest", "worker", "supervisor")  # the role label of streamd_process_cpu_seconds_total
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -67,12 +62,12 @@ BUILTIN_SIGNALS = (
 
 
 def config_text(
-    ingest: str, publish: str, metrics: str, workers: int, options: SignalOptions, max_batch_delay: str = "1ms"
+    ingests: list[str], publish: str, metrics: str, workers: int, options: SignalOptions, max_batch_delay: str = "1ms"
 ) -> str:
     """A daemon config: the built-in signals with the given publishing options."""
     lines = [
         "[ingest]",
-        f'endpoints = ["{ingest}"]',
+        "endpoints = [" + ", ".join(f'"{endpoint}"' for endpoint in ingests) + "]",
         "[latency]",
         f'max_batch_delay = "{max_batch_delay}"',
         "[workers]",
@@ -130,33 +125,23 @@ class Daemon:
     workers: int
     options: SignalOptions
     max_batch_delay: str = "1ms"
-    ingest: str = ""
+    endpoints: int = 1
+    ingests: list[str] = field(default_factory=list)
     publish: str = ""
     metrics_url: str = ""
     process: subprocess.Popen[bytes] | None = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="streamd-bench-"))
 
     def start(self, timeout: float = 30.0) -> None:
-        self.ingest = f"tcp://127.0.0.1:{free_port()}"
+        self.ingests = [f"tcp://127.0.0.1:{free_port()}" for _ in range(self.endpoints)]
         self.publish = f"tcp://127.0.0.1:{free_port()}"
         metrics = f"127.0.0.1:{free_port()}"
         self.metrics_url = f"http://{metrics}/metrics"
         path = Path(self.workdir) / "streamd.toml"
         path.write_text(
-            config_text(self.ingest, self.publish, metrics, self.workers, self.options, self.max_batch_delay)
+            config_text(self.ingests, self.publish, metrics, self.workers, self.options, self.max_batch_delay)
         )
-        log = (Path(self.workdir) / "streamd.log").open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamd", "run", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=self.workdir,
-            env=env,
-        )
+        self.process = start_daemon(path, Path(self.workdir) / "streamd.log", own_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -187,6 +172,7 @@ class Daemon:
             "processed": m.total("streamd_ticks_processed_total"),
             "dropped": m.total("streamd_ticks_dropped_total"),
             "backlog": m.total("streamd_worker_backlog_ticks"),
+            **{f"cpu_{role}": m.total("streamd_process_cpu_seconds_total", role=role) for role in ROLES},
         }
 
     def wait_received(self, total: float, timeout: float) -> bool:
@@ -209,6 +195,13 @@ class Daemon:
                 return False, counts
             time.sleep(0.1)
 
+    def kill(self) -> None:
+        """SIGKILL the daemon's whole process group (its own session): after an overload probe,
+        a graceful drain of deep queues would only cost time."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
     def stop(self) -> None:
         """SIGTERM (graceful drain), then SIGKILL to the daemon's own process group if it hangs."""
         if self.process is None or self.process.poll() is not None:
@@ -222,38 +215,65 @@ class Daemon:
 
 
 @contextmanager
-def running_daemon(workers: int, options: SignalOptions, max_batch_delay: str = "1ms") -> Iterator[Daemon]:
-    daemon = Daemon(workers, options, max_batch_delay)
-    daemon.start()
+def running_daemon(
+    workers: int, options: SignalOptions, max_batch_delay: str = "1ms", endpoints: int = 1
+) -> Iterator[Daemon]:
+    daemon = Daemon(workers, options, max_batch_delay, endpoints)
     try:
+        daemon.start()
         yield daemon
     finally:
         daemon.stop()
+        shutil.rmtree(daemon.workdir, ignore_errors=True)
 
 
 # -- payloads -------------------------------------------------------------------------------
 
 
-class Payloads:
-    """Pre-encoded messages of one wire form with a stamp slot for the event time.
+@dataclass(frozen=True)
+class Feed:
+    """What load generators send: wire ``form``, number of ``keys``, their distribution and type.
 
-    ``kind``: ``map`` (one tick ``{"k","t","p","q"}`` per message), ``list`` (columnar batch with
-    list columns) or ``bin`` (columnar batch with little-endian bin columns). Keys are strings
-    ``"k<id>"`` drawn from the shared Zipf stream; ``part``/``parts`` keep only keys with
-    ``id % parts == part`` so that several generators never share a key (event time stays
-    monotonic per key).
+    ``form``: ``map`` (one tick ``{"k","t","p","q"}`` per message), ``list`` (columnar batch with
+    list columns) or ``bin`` (columnar batch with little-endian bin columns). ``key_type``:
+    ``str`` (symbols, the headline) or ``int`` (dense integer ids, a labelled variant only).
     """
 
-    def __init__(self, kind: str, n_keys: int, part: int = 0, parts: int = 1, n_ticks: int = 200_000) -> None:
-        ticks = generate(n_ticks, n_keys, seed=1234)
-        mine = ticks.keys % parts == part
-        keys = [f"k{k}" for k in ticks.keys[mine].tolist()]
+    form: str
+    keys: int
+    uniform: bool = False
+    key_type: str = "str"
+
+    @property
+    def ticks_per_message(self) -> int:
+        return 1 if self.form == "map" else COLUMNAR_BATCH
+
+    def label(self) -> str:
+        shape = "single-tick maps" if self.form == "map" else f"columnar {self.form}, {COLUMNAR_BATCH:,}/msg"
+        keys = "string" if self.key_type == "str" else "INTEGER"
+        return f"{shape}; {self.keys:,} {keys} keys, {'uniform' if self.uniform else 'Zipf'}"
+
+
+class Payloads:
+    """Pre-encoded messages of one :class:`Feed` with a stamp slot for the event time.
+
+    ``part``/``parts`` keep only the keys whose :func:`bench.ticks.feed_part` is ``part``, so
+    that several generators (and several ingest endpoints) never share a key and event time
+    stays monotonic per key.
+    """
+
+    def __init__(self, feed: Feed, part: int = 0, parts: int = 1, n_ticks: int = 200_000) -> None:
+        ticks = generate(n_ticks, feed.keys, seed=1234, uniform=feed.uniform)
+        key_of_id = symbols(feed.keys) if feed.key_type == "str" else np.arange(feed.keys)
+        part_of_id = np.array([feed_part(k, parts) for k in key_of_id.tolist()], np.int64)
+        mine = part_of_id[ticks.keys] == part
+        keys = key_of_id[ticks.keys[mine]].tolist()
         p, q = ticks.p[mine].tolist(), ticks.q[mine].tolist()
-        self.kind = kind
-        self.ticks_per_message = 1 if kind == "map" else COLUMNAR_BATCH
+        self.form = feed.form
+        self.ticks_per_message = feed.ticks_per_message
         self.templates: list[Any] = []
         self.offsets: list[int] = []
-        if kind == "map":
+        if feed.form == "map":
             for key, price, qty in zip(keys, p, q, strict=True):
                 packed = msgpack.packb({"k": key, "t": _MARK, "p": price, "q": qty})
                 at = packed.index(_MARK_BYTES) + 1
@@ -261,24 +281,22 @@ class Payloads:
             return
         for start in range(0, len(keys) - COLUMNAR_BATCH + 1, COLUMNAR_BATCH):
             chunk = slice(start, start + COLUMNAR_BATCH)
-            if kind == "bin":
-                from streamd.protocol import encode_columnar_bin
-
+            if feed.form == "bin":
                 marks = np.full(COLUMNAR_BATCH, 0x5EED5EED5EED5EED, np.int64)
                 packed = encode_columnar_bin(keys[chunk], marks, p[chunk], q[chunk])
                 at = packed.index(marks.tobytes())
-            elif kind == "list":
+            elif feed.form == "list":
                 packed = msgpack.packb({"k": keys[chunk], "t": [_MARK] * COLUMNAR_BATCH, "p": p[chunk], "q": q[chunk]})
                 at = packed.index(_MARK_BYTES) + 1
             else:
-                msg = f"unknown payload kind {kind!r}"
+                msg = f"unknown payload form {feed.form!r}"
                 raise ValueError(msg)
             self.templates.append(bytearray(packed))
             self.offsets.append(at)
         self.views = [self._view(buf, at) for buf, at in zip(self.templates, self.offsets, strict=True)]
 
     def _view(self, buf: bytearray, at: int) -> np.ndarray:
-        if self.kind == "bin":
+        if self.form == "bin":
             return np.ndarray(COLUMNAR_BATCH, np.dtype("<i8"), buffer=buf, offset=at)
         return np.ndarray(COLUMNAR_BATCH, np.dtype(">u8"), buffer=buf, offset=at, strides=(9,))
 
@@ -287,12 +305,14 @@ class Payloads:
 
     def stamped(self, index: int, t_ns: int) -> bytes | bytearray:
         """Message ``index`` (cyclic) with every tick's event time set to ``t_ns``."""
-        if self.kind == "map":
+        if self.form == "map":
             head, tail = self.templates[index % len(self.templates)]
-            return head + struct.pack(">Q", t_ns) + tail
+            message: bytes = head + struct.pack(">Q", t_ns) + tail
+            return message
         i = index % len(self.templates)
         self.views[i][:] = t_ns
-        return self.templates[i]
+        template: bytearray = self.templates[i]
+        return template
 
 
 # -- processes: generator, raw receiver, subscriber ------------------------------------------
@@ -300,8 +320,7 @@ class Payloads:
 
 def generator_main(
     endpoint: str,
-    kind: str,
-    n_keys: int,
+    feed: Feed,
     part: int,
     parts: int,
     msgs_per_s: float,
@@ -316,7 +335,7 @@ def generator_main(
     offered rate holds on average even when the OS delays us; a blocked ``send`` (the receiver's
     high-water mark) shows up as an achieved rate below the offered one.
     """
-    payloads = Payloads(kind, n_keys, part, parts)
+    payloads = Payloads(feed, part, parts)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 10_000)
@@ -328,6 +347,7 @@ def generator_main(
     send = sock.send
     stamped = payloads.stamped
     sent = 0
+    cpu_start = time.process_time()
     start = time.perf_counter()
     end = start + duration
     while True:
@@ -342,13 +362,19 @@ def generator_main(
             send(stamped(i, now_ns()))
         sent = min(due, sent + 2_000)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     sock.close()
     ctx.term()
-    results.put({"part": part, "messages": sent, "ticks": sent * payloads.ticks_per_message, "elapsed": elapsed})
+    ticks = sent * payloads.ticks_per_message
+    results.put({"part": part, "messages": sent, "ticks": ticks, "elapsed": elapsed, "cpu_s": cpu})
 
 
-def raw_receiver_main(endpoint: str, ready: Any, stop: Any, results: Any) -> None:
-    """PULL and count messages and bytes: no decoding, no compute (the transport's ceiling)."""
+def raw_receiver_main(endpoint: str, decode: bool, ready: Any, stop: Any, results: Any) -> None:
+    """PULL and count messages and bytes, and with ``decode`` also ``msgpack.unpackb`` each one.
+
+    Without decoding this is the transport's ceiling; with it, the floor cost of any receiver
+    that must look at the ticks (no validation, no batching, no compute).
+    """
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -358,7 +384,7 @@ def raw_receiver_main(endpoint: str, ready: Any, stop: Any, results: Any) -> Non
     poller.register(sock, zmq.POLLIN)
     messages = size = 0
     first = last = 0.0
-    recv = sock.recv
+    recv, unpackb = sock.recv, msgpack.unpackb
     while not stop.is_set():
         if not poller.poll(100):
             continue
@@ -366,7 +392,10 @@ def raw_receiver_main(endpoint: str, ready: Any, stop: Any, results: Any) -> Non
             first = time.perf_counter()
         try:
             while True:
-                size += len(recv(zmq.NOBLOCK))
+                payload = recv(zmq.NOBLOCK)
+                if decode:
+                    unpackb(payload)
+                size += len(payload)
                 messages += 1
         except zmq.Again:
             last = time.perf_counter()
@@ -426,6 +455,7 @@ def subscriber_main(
     messages = 0
     latencies: list[int] = []
     start_ns = time.time_ns() + int(warmup_s * 1e9)
+    cpu_start = time.process_time()
     recv_multipart, now_ns, unpackb = sock.recv_multipart, time.time_ns, msgpack.unpackb
     while not stop.is_set():
         if not poller.poll(100):
@@ -447,7 +477,7 @@ def subscriber_main(
         np.add.at(counts, hdr_index(np.array(latencies)), 1)
     sock.close(linger=0)
     ctx.term()
-    results.put({"messages": messages, "hdr": counts})
+    results.put({"messages": messages, "hdr": counts, "cpu_s": time.process_time() - cpu_start})
 
 
 @dataclass
@@ -479,19 +509,26 @@ def finish(started: Started, expected: int, timeout: float = 30.0) -> list[dict[
 
 
 def offer_load(
-    endpoint: str, kind: str, n_keys: int, ticks_per_s: float, duration: float, generators: int = 1, during: Any = None
-) -> dict[str, float]:
-    """Run ``generators`` paced PUSH processes together (keys partitioned between them); return the
-    offered and achieved rates. ``during()`` is called every 0.5 s while they run (for sampling)."""
-    per_message = 1 if kind == "map" else COLUMNAR_BATCH
-    msgs_per_s = ticks_per_s / per_message / generators if ticks_per_s else 0.0
+    endpoints: list[str],
+    feed: Feed,
+    ticks_per_s: float,
+    duration: float,
+    generators_per_endpoint: int = 1,
+    during: Any = None,
+) -> dict[str, Any]:
+    """Run paced PUSH processes together, ``generators_per_endpoint`` per endpoint, keys split between
+    them by :func:`bench.ticks.feed_part` (generator ``i`` sends to endpoint ``i % len(endpoints)``);
+    return the offered and achieved rates and the generators' CPU seconds. ``during()`` is called
+    every 0.5 s while they run (for sampling)."""
+    parts = len(endpoints) * generators_per_endpoint
+    msgs_per_s = ticks_per_s / feed.ticks_per_message / parts if ticks_per_s else 0.0
     go, results = CONTEXT.Event(), CONTEXT.Queue()
     processes, readies = [], []
-    for part in range(generators):
+    for part in range(parts):
         ready = CONTEXT.Event()
+        endpoint = endpoints[part % len(endpoints)]
         process = CONTEXT.Process(
-            target=generator_main,
-            args=(endpoint, kind, n_keys, part, generators, msgs_per_s, duration, ready, go, results),
+            target=generator_main, args=(endpoint, feed, part, parts, msgs_per_s, duration, ready, go, results)
         )
         process.start()
         processes.append(process)
@@ -510,24 +547,40 @@ def offer_load(
         process.join(30)
     ticks = sum(r["ticks"] for r in reports)
     elapsed = max(r["elapsed"] for r in reports)
-    return {"offered": ticks_per_s, "ticks": ticks, "achieved": ticks / elapsed, "elapsed": elapsed, "samples": samples}
+    return {
+        "offered": ticks_per_s,
+        "ticks": ticks,
+        "achieved": ticks / elapsed,
+        "elapsed": elapsed,
+        "generator_cpu_s": sum(r["cpu_s"] for r in reports),
+        "samples": samples,
+    }
 
 
-def raw_ceiling(kind: str, n_keys: int, duration: float, generators: int = 1) -> dict[str, float]:
-    """Plain PUSH/PULL moving the same payloads as fast as possible, receiver in its own process."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    ready, stop, results = CONTEXT.Event(), CONTEXT.Event(), CONTEXT.Queue()
-    receiver = CONTEXT.Process(target=raw_receiver_main, args=(endpoint, ready, stop, results))
-    receiver.start()
-    ready.wait(30)
-    offer_load(endpoint, kind, n_keys, 0.0, duration, generators)
+def raw_ceiling(
+    feed: Feed, endpoints: int, duration: float, generators_per_endpoint: int = 1, decode: bool = False
+) -> dict[str, float]:
+    """Plain PUSH/PULL moving the same payloads as fast as possible into one receiver process per
+    endpoint (counting only, or with ``decode`` also ``msgpack.unpackb`` of every message)."""
+    addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(endpoints)]
+    stop, results = CONTEXT.Event(), CONTEXT.Queue()
+    receivers = []
+    for address in addresses:
+        ready = CONTEXT.Event()
+        receiver = CONTEXT.Process(target=raw_receiver_main, args=(address, decode, ready, stop, results))
+        receiver.start()
+        ready.wait(30)
+        receivers.append(receiver)
+    offer_load(addresses, feed, 0.0, duration, generators_per_endpoint)
     time.sleep(0.3)
     stop.set()
-    report = results.get(timeout=30)
-    receiver.join(10)
-    per_message = 1 if kind == "map" else COLUMNAR_BATCH
+    reports = [results.get(timeout=30) for _ in receivers]
+    for receiver in receivers:
+        receiver.join(10)
+    messages = sum(r["messages"] for r in reports)
+    elapsed = max(r["elapsed"] for r in reports)
     return {
-        "messages_per_s": report["messages"] / report["elapsed"],
-        "ticks_per_s": report["messages"] * per_message / report["elapsed"],
-        "bytes_per_message": report["bytes"] / max(report["messages"], 1),
+        "messages_per_s": messages / elapsed,
+        "ticks_per_s": messages * feed.ticks_per_message / elapsed,
+        "bytes_per_message": sum(r["bytes"] for r in reports) / max(messages, 1),
     }

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.daemon import measure_raw, sustained_case
-from bench.harness import CONTEXT
+from bench.daemon import Case, find_sustained
+from bench.harness import CONTEXT, Feed
 from bench.report import Table, median_of, rate, timed, verdict
 from bench.ticks import Ticks, generate
 from streamd.config import SignalSpec
@@ -134,20 +134,20 @@ def memory(quick: bool) -> Table:
 
 
 def workers(quick: bool) -> Table:
+    feed = Feed("bin", 10_000)
     table = Table(
-        "Daemon throughput (columnar bin, 10,000 keys) vs worker count", ["workers", "sustained ticks/s", "vs 1 worker"]
+        f"Daemon throughput ({feed.label()}) vs worker count", ["workers", "sustained ticks/s", "vs 1 worker"]
     )
-    raw = measure_raw("bin", 10_000, 1, quick)
-    found = {w: sustained_case("bin", 10_000, 1, w, quick, raw) for w in (1, 2)}
+    found = {w: find_sustained(Case(feed, workers=w), quick) for w in (1, 2)}
     for w in (1, 2):
         table.add(w, rate(found[w]["sustained"]), f"{found[w]['sustained'] / max(found[1]['sustained'], 1):.2f}x")
     table.notes.append(
-        "Same search and pass criteria as section 2; the machine has 2 cores shared with the ingest, "
+        "Same search and pass criteria as section (c); the machine has 2 cores shared with the ingest, "
         "the generator and the subscriber, so 2 workers compete with them for CPU."
     )
     table.data = {str(w): v for w, v in found.items()}
     return table
 
 
-def run(quick: bool) -> dict[str, Any]:
-    return {"title": "4. Scaling", "tables": [window_lengths(quick), memory(quick), workers(quick)]}
+def run(quick: bool, earlier: dict[str, Any]) -> dict[str, Any]:
+    return {"title": "7. Scaling", "tables": [window_lengths(quick), memory(quick), workers(quick)]}

@@ -158,14 +158,23 @@ graceful_timeout = "5s"
 """
 
 
-def start_daemon(config_path: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_daemon(config_path: Path, log_path: Path, *args: str, own_session: bool = False) -> subprocess.Popen[bytes]:
+    """``python -m streamd run --config FILE``, output appended to ``log_path``: the one starter that
+    tests and bench/ share.
+
+    ``STREAMD_*`` variables of the caller's shell are left out, so only the config file and ``args``
+    decide. ``own_session`` starts it in a new session, as systemd does: the benchmarks need that so
+    the kernel's autogroup shares CPU between the daemon and the load generators as in production.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")} | {"PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "streamd", "run", "--config", str(config_path), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env=env,
+            start_new_session=own_session,
         )
 
 
