@@ -130,6 +130,7 @@ class Daemon:
     workers: int
     options: SignalOptions
     max_batch_delay: str = "1ms"
+    extra_toml: str = ""  # appended to the config, e.g. a [state] table
     ingest: str = ""
     publish: str = ""
     metrics_url: str = ""
@@ -144,6 +145,7 @@ class Daemon:
         path = Path(self.workdir) / "streamd.toml"
         path.write_text(
             config_text(self.ingest, self.publish, metrics, self.workers, self.options, self.max_batch_delay)
+            + self.extra_toml
         )
         log = (Path(self.workdir) / "streamd.log").open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}

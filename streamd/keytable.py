@@ -130,10 +130,20 @@ class KeyTable:
         old = old[mapped]
         table[slots[mapped]] = _UNMAPPED
         np.subtract.at(self._refs, old, 1)
-        dead = np.unique(old[self._refs[old] == 0])
+        dead = self._distinct(old[self._refs[old] == 0])
         if len(dead):
             deque(map(self._index.pop, self.keys[dead].tolist()), maxlen=0)
             self._dying.append(dead)
+
+    def _distinct(self, dead: Int64Array) -> Int64Array:
+        """``dead`` (indices whose count is 0) without repeats, in one pass: each writes its position."""
+        if len(dead) < 2:
+            return dead
+        position = np.arange(len(dead), dtype=np.int32)
+        self._refs[dead] = position
+        kept: Int64Array = dead[self._refs[dead] == position]
+        self._refs[dead] = 0
+        return kept
 
     def _table(self, ingest: int, generation: int) -> Int64Array:
         table = self._tables.get((ingest, generation))

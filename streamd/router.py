@@ -160,22 +160,26 @@ class KeyRouter:
         found = np.fromiter(map(self.codes.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         unseen = found < 0
         if unseen.any():
-            self._assign(list(dict.fromkeys(compress(keys, unseen.tolist()))), outboxes)
-            found = np.fromiter(map(self.codes.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+            fresh = self._assign(list(dict.fromkeys(compress(keys, unseen.tolist()))), outboxes)
+            new = compress(keys, unseen.tolist())
+            found[unseen] = np.array(list(map(fresh.get, new, repeat(-1))), np.int64)
             self.rejected_ticks = int(np.count_nonzero(found < 0))
         codes = codes.copy()
         codes[missing] = found
         return codes
 
-    def _assign(self, fresh: list[str | int], outboxes: list[Outbox]) -> None:
-        """Give each new key (distinct, first-seen order) a slot in its worker, as far as max_keys allows."""
+    def _assign(self, fresh: list[str | int], outboxes: list[Outbox]) -> dict[str | int, int]:
+        """Give each new key (distinct, first-seen order) a slot in its worker, as far as max_keys allows.
+
+        Returns the codes of the keys it took (a small dict, cheaper to look up than all codes).
+        """
         self.rejected_keys = 0
         if self.max_keys:
             room = max(0, self.max_keys - len(self.codes))
             self.rejected_keys = max(0, len(fresh) - room)
             fresh = fresh[:room]
         if not fresh:
-            return
+            return {}
         workers = shards_for(fresh, self.workers)
         codes = np.empty(len(fresh), np.int64)
         for worker in range(self.workers):
@@ -185,8 +189,10 @@ class KeyRouter:
             slots = self._take_slots(worker, len(mine))
             codes[mine] = slots * self.workers + worker
             outboxes[worker].new_keys.extend(zip(slots.tolist(), map(fresh.__getitem__, mine.tolist()), strict=True))
-        self.codes.update(zip(fresh, codes.tolist(), strict=True))
+        taken = dict(zip(fresh, codes.tolist(), strict=True))
+        self.codes.update(taken)
         self._remember(codes, fresh)
+        return taken
 
     def _take_slots(self, worker: int, count: int) -> Int64Array:
         """``count`` slots of ``worker``: recycled ones first, then new ones past the highest."""
