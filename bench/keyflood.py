@@ -1,6 +1,6 @@
 """``python -m bench.keyflood [--quick]``: bounded per-key state under a flood of new keys, in a real daemon.
 
-1. Memory: distinct keys (10 M, ``--quick`` 1 M) arrive at a steady rate, one tick each, through a
+1. Memory: distinct keys (10 M, ``--quick`` 1.2 M) arrive at a steady rate, one tick each, through a
    daemon with ``key_ttl = "10s"``; the resident memory of all daemon processes (from /proc) is
    sampled over time. Once a key_ttl has passed, keys are evicted as fast as they arrive, so memory
    stays flat: the slope after warm-up is printed. Then what an eviction costs per key, in process.
@@ -209,13 +209,13 @@ def memory_under_flood(total: int, keys_per_s: float, ttl_s: float) -> Table:
         )
     finally:
         daemon.stop()
-    warm = [(t, s, r) for t, s, r in samples if t >= 1.5 * ttl_s]
+    warm = [(t, s, r) for t, s, r in samples if t >= 2 * ttl_s]
     if len(warm) >= 3:
         t, sent, rss = (np.array(column, float) for column in zip(*warm, strict=True))
         per_s = np.polyfit(t, rss, 1)[0]
         per_million = np.polyfit(sent, rss, 1)[0] * 1e6
         table.notes.append(
-            f"after warm-up (t >= {1.5 * ttl_s:g} s, {len(warm)} samples): RSS slope {per_s / 2**20:+.2f} MiB/s, "
+            f"after warm-up (t >= {2 * ttl_s:g} s, {len(warm)} samples): RSS slope {per_s / 2**20:+.2f} MiB/s, "
             f"{per_million / 2**20:+.1f} MiB per million keys sent; RSS {mib(rss.min())}..{mib(rss.max())} MiB "
             f"(idle daemon before the flood: {mib(base)} MiB)"
         )
@@ -336,7 +336,7 @@ def new_key_rate(seconds: float) -> Table:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.keyflood", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="1 M keys and shorter phases (validation)")
+    parser.add_argument("--quick", action="store_true", help="1.2 M keys and shorter phases (validation)")
     parser.add_argument("--only", choices=("memory", "rate"), help="run one of the two parts")
     return parser.parse_args(argv)
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tables = []
     if args.only in (None, "memory"):
-        total, rate = (1_000_000, 40_000.0) if args.quick else (10_000_000, 100_000.0)
+        total, rate = (1_200_000, 40_000.0) if args.quick else (10_000_000, 100_000.0)
         tables.append(memory_under_flood(total, rate, 10.0))
         tables.append(eviction_cost(100_000 if args.quick else 1_000_000))
         print_tables(tables[-2:])

@@ -405,6 +405,7 @@ class Ingest:
 
     def _reload(self, config: Config) -> None:
         self.config = config
+        self.router.max_keys = config.state.max_keys_per_ingest(len(config.ingest.endpoints))
         apply_log_config(config.log)
         self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
         self._dispatch()
