@@ -127,6 +127,7 @@ class Daemon:
     max_batch_delay: str = "1ms"
     endpoints: int = 1
     ingests: list[str] = field(default_factory=list)
+    extra_toml: str = ""  # appended to the config, e.g. a [state] table
     publish: str = ""
     metrics_url: str = ""
     process: subprocess.Popen[bytes] | None = None
@@ -140,6 +141,7 @@ class Daemon:
         path = Path(self.workdir) / "streamd.toml"
         path.write_text(
             config_text(self.ingests, self.publish, metrics, self.workers, self.options, self.max_batch_delay)
+            + self.extra_toml
         )
         self.process = start_daemon(path, Path(self.workdir) / "streamd.log", own_session=True)
         deadline = time.monotonic() + timeout

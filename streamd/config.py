@@ -48,6 +48,8 @@ MAX_COUNT_WINDOW = 10_000_000
 MAX_LOG_RATE = 10_000.0
 MAX_PARTITIONS = 4096
 MAX_REPLICAS = 5  # JetStream's limit
+MIN_KEY_TTL_NS = 10_000_000  # 10 ms: the ingest sweeps every key_ttl/8, and a sweep costs a scan of its keys
+MAX_KEYS = 1 << 40
 LEASE_TTL_NS = (1_000_000_000, 600_000_000_000)  # below 1 s the server's expiry timer is too coarse
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss)://.+$")
@@ -150,6 +152,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """``[state]``: how long a silent key keeps its state, and how many keys may hold state at once."""
+
+    key_ttl_ns: int = 3_600_000_000_000  # 0 = keys are never evicted
+    max_keys: int = 1_000_000  # per daemon, split evenly across the ingests; 0 = no limit
+
+    def max_keys_per_ingest(self, ingests: int) -> int:
+        """Each ingest's share of ``max_keys`` (rounded up); 0 = no limit."""
+        return -(-self.max_keys // ingests)
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     graceful_timeout_ns: int = 5_000_000_000
 
@@ -209,6 +223,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     signals: tuple[SignalSpec, ...] = DEFAULT_SIGNALS
     cluster: ClusterConfig | None = None
     gateway: GatewayConfig | None = None
@@ -371,6 +386,25 @@ def _build_shutdown(raw: Mapping[str, Any]) -> ShutdownConfig:
     if timeout is None:
         return ShutdownConfig()
     return ShutdownConfig(graceful_timeout_ns=parse_duration(timeout, "shutdown.graceful_timeout"))
+
+
+def _build_state(raw: Mapping[str, Any]) -> StateConfig:
+    table = _table(raw, "state", {"key_ttl", "max_keys"})
+    default = StateConfig()
+    ttl = table.get("key_ttl")
+    if ttl is None:
+        ttl_ns = default.key_ttl_ns
+    elif isinstance(ttl, str) and ttl.strip() == "0":
+        ttl_ns = 0
+    else:
+        ttl_ns = parse_duration(ttl, "state.key_ttl")
+        if ttl_ns < MIN_KEY_TTL_NS:
+            msg = f"state.key_ttl: must be at least {format_duration(MIN_KEY_TTL_NS)} (or '0' = never), got {ttl!r}"
+            raise ConfigError(msg)
+    return StateConfig(
+        key_ttl_ns=ttl_ns,
+        max_keys=_bounded_int(table.get("max_keys", default.max_keys), "state.max_keys", 0, MAX_KEYS),
+    )
 
 
 def _build_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
@@ -545,6 +579,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>", confi
         "metrics",
         "log",
         "shutdown",
+        "state",
         "signal",
         "cluster",
         "gateway",
@@ -560,6 +595,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>", confi
         metrics=_build_metrics(raw),
         log=_build_log(raw),
         shutdown=_build_shutdown(raw),
+        state=_build_state(raw),
         signals=_build_signals(raw),
         cluster=_build_cluster(raw),
         gateway=_build_gateway(raw),

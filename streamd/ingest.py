@@ -40,6 +40,18 @@ _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and contro
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: converting the flag enum on every receive shows in profiles
 _DRAIN_BYTES = 4 << 20  # payload bytes per wake-up: bounds decode chunks when messages are big batches
 _BYTES_PER_TICK = 32  # slot, time, price and quantity: what a held tick costs in outboxes and queues
+EPOCH_NS = 1_000_000  # the unit of a key's last-seen time: a millisecond of the monotonic clock
+
+
+def sweep_interval_ns(key_ttl_ns: int) -> int:
+    """How often silent keys are looked for: key_ttl/8, within 10 ms .. 1 s (1 s when keys never expire).
+
+    A key is evicted after between key_ttl and key_ttl plus this of silence; a sweep scans every
+    key's last-seen time (about 1 ms per million keys).
+    """
+    if not key_ttl_ns:
+        return 1_000_000_000
+    return min(1_000_000_000, max(10_000_000, key_ttl_ns // 8))
 
 
 def receive_payloads(sock: zmq.Socket[Any], payloads: list[bytes], limit: int, max_bytes: int) -> tuple[bool, int]:
@@ -95,10 +107,11 @@ class Ingest:
         self.log = setup_logging(config.log, f"ingest{index}")
         self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
         self.metrics = IngestMetrics()
-        self.router = KeyRouter(self.workers)
+        self.router = KeyRouter(self.workers, config.state.max_keys_per_ingest(len(config.ingest.endpoints)))
         self.outboxes = [Outbox() for _ in range(self.workers)]
         self.generations = list(start.worker_generations)
         self.deadline_handle: asyncio.TimerHandle | None = None
+        self.sweep_handle: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
         self.overloaded = False  # max_queue_bytes reached: input paused (pull) or shed (sub)
@@ -116,6 +129,7 @@ class Ingest:
         self.loop.add_reader(self.acks.fileno(), self._on_acks)
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         self.loop.call_soon(self._drain)
+        self._sweep()
         self._settle_predecessor()
         self.log.info(
             "ingest started",
@@ -184,6 +198,7 @@ class Ingest:
             self._check_overload()
 
     def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
+        self.router.epoch = time.monotonic_ns() // EPOCH_NS
         decoded = decode_payloads(payloads, self.router.codes)
         metrics = self.metrics
         metrics.messages_received.inc(len(payloads))
@@ -202,9 +217,20 @@ class Ingest:
             self._route(decoded, recv_ns)
 
     def _route(self, decoded: DecodedTicks, recv_ns: int) -> None:
-        for worker, part in enumerate(self.router.split(decoded, self.outboxes)):
+        router = self.router
+        for worker, part in enumerate(router.split(decoded, self.outboxes)):
             if len(part.t):
                 self._buffer(worker, *part, recv_ns)
+        if router.rejected_ticks:
+            self.metrics.ticks_dropped.labels("key_limit").inc(router.rejected_ticks)
+            self.limited.warning(
+                "key_limit",
+                "state.max_keys reached: ticks of new keys dropped, known keys keep flowing",
+                ticks=router.rejected_ticks,
+                keys=router.rejected_keys,
+                limit=router.max_keys,
+            )
+        self.metrics.keys.set(router.live_keys)
 
     def _buffer(
         self, worker: int, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray, recv_ns: int
@@ -223,7 +249,7 @@ class Ingest:
         now = time.time_ns()
         next_deadline = 0
         for worker, outbox in enumerate(self.outboxes):
-            if not outbox.ticks:
+            if not outbox.ticks and not outbox.gone:
                 continue
             if everything or send_now(outbox, self.ledger.in_flight(self.index, worker), latency, now):
                 self._send(worker, outbox)
@@ -277,13 +303,16 @@ class Ingest:
             self._check_overload()
 
     def _send(self, worker: int, outbox: Outbox) -> None:
-        """Send the outbox in batches of at most ``max_batch_size`` ticks."""
+        """Send the outbox in batches of at most ``max_batch_size`` ticks; released slots go with the last."""
         columns = [np.concatenate(c) if len(outbox.parts) > 1 else c[0] for c in zip(*outbox.parts, strict=True)]
+        if not columns:
+            columns = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0)]
         self.outboxes[worker] = Outbox()
         size = self.config.latency.max_batch_size
         new_keys = outbox.new_keys
-        for start in range(0, outbox.ticks, size):
+        for start in range(0, max(outbox.ticks, 1), size):
             slots, t, p, q = (column[start : start + size] for column in columns)
+            gone = outbox.gone if start + size >= outbox.ticks else []
             seq = self.ledger.handed(self.index, worker)
             batch = WorkerBatch(
                 slots,
@@ -296,9 +325,11 @@ class Ingest:
                 self.start.generation,
                 self.generations[worker],
                 seq,
+                gone,
             )
             if self._send_batch(worker, batch):
                 new_keys = []
+                self.router.recycle(worker, gone)
             self.ledger.buffer(self.index, -len(t))
 
     def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
@@ -310,11 +341,34 @@ class Ingest:
             self.metrics.ticks_dropped.labels("overflow").inc(ticks)
             self.limited.warning("overflow", "worker queue full, batch dropped", worker=worker, ticks=ticks)
             self.outboxes[worker].new_keys.extend(batch.new_keys)
+            self._keep_gone(worker, batch.gone)
             return False
         self.ledger.hand_over(self.index, worker, ticks)
         self.metrics.batch_size.observe(ticks)
         self.metrics.batches_sent.labels(str(worker)).inc()
         return True
+
+    def _keep_gone(self, worker: int, gone: list[int]) -> None:
+        """Released slots of a batch that did not leave: they go with the next one."""
+        if gone:
+            outbox = self.outboxes[worker]
+            if not outbox.ticks and not outbox.gone:
+                outbox.oldest_ns = time.time_ns()
+            outbox.gone.extend(gone)
+
+    # bounded state: evict silent keys ----------------------------------------------------
+    def _sweep(self) -> None:
+        """Evict keys silent for ``state.key_ttl`` (wall clock here), then come back in a fraction of it."""
+        ttl = self.config.state.key_ttl_ns
+        if ttl:
+            router = self.router
+            router.epoch = now = time.monotonic_ns() // EPOCH_NS
+            evicted = router.evict_silent(now - ttl // EPOCH_NS, self.outboxes, time.time_ns())
+            if evicted:
+                self.metrics.keys_released.inc(evicted)
+                self.metrics.keys.set(router.live_keys)
+                self._dispatch()
+        self.sweep_handle = self.loop.call_later(sweep_interval_ns(ttl) / 1e9, self._sweep)
 
     # control ------------------------------------------------------------------------------
     def _on_control(self) -> None:
@@ -361,6 +415,7 @@ class Ingest:
 
     def _reload(self, config: Config) -> None:
         self.config = config
+        self.router.max_keys = config.state.max_keys_per_ingest(len(config.ingest.endpoints))
         apply_log_config(config.log)
         self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
         if self.curve is not None:

@@ -72,6 +72,17 @@ class IngestMetrics:
         self.batches_sent = Counter(
             "streamd_ingest_batches_total", "Batches handed to workers.", ["worker"], registry=registry
         )
+        self.keys = Gauge(
+            "streamd_ingest_keys",
+            "Keys this ingest routes (its share of state.max_keys): seen within state.key_ttl.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.keys_released = Counter(
+            "streamd_ingest_keys_released_total",
+            "Keys an ingest stopped routing after state.key_ttl of silence (their slots announced gone).",
+            registry=registry,
+        )
         self.overloaded = Counter(
             "streamd_ingest_overload_total",
             "Times ingest.max_queue_bytes was reached: input paused (pull mode) or shed (sub mode).",
@@ -131,6 +142,12 @@ class WorkerMetrics:
             "Keys held in window state.",
             ["worker"],
             multiprocess_mode="livesum",
+            registry=registry,
+        ).labels(label)
+        self.keys_evicted = Counter(
+            "streamd_keys_evicted_total",
+            "Keys whose state a worker dropped: no ingest routes them any more (state.key_ttl).",
+            ["worker"],
             registry=registry,
         ).labels(label)
         self.state_bytes = Gauge(

@@ -48,6 +48,19 @@ def record_head(signal: str, key: str | int, n_stats: int) -> bytes:
     return b"".join(parts)
 
 
+def topics_for(signal: str, keys: Sequence[str | int]) -> list[bytes]:
+    """:func:`topic_for` of many keys."""
+    prefix = f"{signal}."
+    return [(prefix + key if isinstance(key, str) else f"{prefix}{key}").encode() for key in keys]
+
+
+def record_heads(signal: str, keys: Sequence[str | int], n_stats: int) -> list[bytes]:
+    """:func:`record_head` of many keys: the constant part is packed once, then one key at a time."""
+    packer = msgpack.Packer()
+    prefix = packer.pack_map_header(4 + n_stats) + b"".join(packer.pack(item) for item in ("signal", signal, "k"))
+    return [prefix + packed for packed in map(packer.pack, keys)]
+
+
 @functools.lru_cache(maxsize=64)
 def _fixed_tail_dtype(names: tuple[str, ...]) -> np.dtype:
     """Layout of ``t``, ``pub_ns`` and every stat when no value is nil: fixed-width msgpack."""

@@ -11,6 +11,7 @@ a known key is looked up once per tick, in the decoder, and never again.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import compress, pairwise, repeat
 from typing import NamedTuple
@@ -18,8 +19,9 @@ from typing import NamedTuple
 import numpy as np
 
 from streamd.protocol import DecodedTicks, Float64Array, Int64Array
-from streamd.sharding import shard_for
+from streamd.sharding import shards_for
 
+_FREE = np.iinfo(np.int64).max  # last_seen of a code no key holds: never silent
 # Up to this many workers, one boolean mask per worker beats a stable sort by worker.
 _MAX_WORKERS_BY_MASK = 4
 
@@ -32,6 +34,7 @@ class Outbox:
     ticks: int = 0
     oldest_ns: int = 0  # wall clock when the oldest buffered tick was received
     new_keys: list[tuple[int, str | int]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)  # slots released since the last batch (after its ticks)
 
 
 class WorkerTicks(NamedTuple):
@@ -46,47 +49,110 @@ class WorkerTicks(NamedTuple):
 class KeyRouter:
     """Maps each key to (worker, slot): slots are dense per worker and assigned on first sight.
 
-    ``codes`` maps every key routed so far to ``slot * workers + worker``. It only ever holds
-    keys that passed the key rule, so the decoder may take it as its ``known`` keys. The dict
-    object stays the same for the router's lifetime.
+    ``codes`` maps every key routed so far (and not evicted) to ``slot * workers + worker``. It
+    only ever holds keys that passed the key rule, so the decoder may take it as its ``known``
+    keys. The dict object stays the same for the router's lifetime.
+
+    Bounded state: with ``max_keys`` (0 = no limit) a key beyond the limit is not routed, its
+    ticks are dropped (counted in :attr:`rejected_ticks`). :meth:`evict_silent` removes keys
+    with no tick for a while; their slots are *released*: announced to their worker as gone
+    (:attr:`Outbox.gone`), and only reusable once the batch carrying that announcement has left
+    (:meth:`recycle`), so a worker never sees a slot reused before it unmapped the old key.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, max_keys: int = 0) -> None:
         self.workers = workers
+        self.max_keys = max_keys
         self.codes: dict[str | int, int] = {}
         self.next_slot = [0] * workers
+        self.rejected_ticks = 0  # ticks of keys beyond max_keys in the last split/route
+        self.rejected_keys = 0
+        self.epoch = 0  # the coarse clock of last_seen, set by the caller before each sweep
+        self._free_slots: list[list[int]] = [[] for _ in range(workers)]
+        self._releasing: list[dict[int, str | int]] = [{} for _ in range(workers)]
+        self._last_seen = np.zeros(0, np.int64)  # per code: epoch of its newest tick
+        self._key_of = np.empty(0, dtype=object)  # per code: its key (None when free)
+
+    @property
+    def live_keys(self) -> int:
+        return len(self.codes)
 
     def route(self, keys: list[str | int], outboxes: list[Outbox]) -> Int64Array:
-        """Codes ``slot * workers + worker`` per tick; announces new keys in ``outboxes``."""
-        return self._complete(np.full(len(keys), -1, dtype=np.int64), keys, outboxes)
+        """Codes ``slot * workers + worker`` per tick (-1: over max_keys); announces new keys in ``outboxes``."""
+        codes = self._complete(np.full(len(keys), -1, dtype=np.int64), keys, outboxes)
+        self._touch(codes[codes >= 0] if self.rejected_ticks else codes)
+        return codes
 
     def split(self, decoded: DecodedTicks, outboxes: list[Outbox]) -> list[WorkerTicks]:
         """Each worker's ticks of a decoded flush, in arrival order; announces new keys in ``outboxes``.
 
         ``decoded`` must come from ``decode_payloads(payloads, router.codes)`` (or without
-        ``known``).
+        ``known``). Ticks of keys beyond ``max_keys`` are left out and counted in
+        :attr:`rejected_ticks`.
         """
         codes = self._complete(decoded.codes, decoded.keys, outboxes)
+        t, p, q = decoded.t, decoded.p, decoded.q
+        if self.rejected_ticks:
+            kept = codes >= 0
+            codes, t, p, q = codes[kept], t[kept], p[kept], q[kept]
+        self._touch(codes)
         if self.workers == 1:
-            return [WorkerTicks(codes, decoded.t, decoded.p, decoded.q)]
+            return [WorkerTicks(codes, t, p, q)]
         workers = codes % self.workers
         slots = codes // self.workers
-        return [
-            WorkerTicks(slots[mine], decoded.t[mine], decoded.p[mine], decoded.q[mine])
-            for mine in self._ticks_by_worker(workers)
-        ]
+        return [WorkerTicks(slots[mine], t[mine], p[mine], q[mine]) for mine in self._ticks_by_worker(workers)]
 
     def announcement(self, worker: int) -> list[tuple[int, str | int]]:
         """Every ``(slot, key)`` of ``worker``: what its replacement must be told before any tick.
 
         Announcing all of them at once keeps the slots (and the ticks already buffered under
-        them) valid across a worker restart. It runs once per restart, over the whole cache.
+        them) valid across a worker restart; slots being released are included, as their gone
+        announcement is still to come. It runs once per restart, over the whole cache.
         """
         workers = self.workers
-        return [(code // workers, key) for key, code in self.codes.items() if code % workers == worker]
+        mapped = [(code // workers, key) for key, code in self.codes.items() if code % workers == worker]
+        return mapped + list(self._releasing[worker].items())
+
+    def evict_silent(self, older_than: int, outboxes: list[Outbox], now_ns: int) -> int:
+        """Release every key whose newest tick is from an epoch before ``older_than``; return how many.
+
+        Each released slot is added to its worker's :attr:`Outbox.gone`; the caller sends it and
+        then hands it back through :meth:`recycle`.
+        """
+        top = len(self._key_of)
+        silent = np.flatnonzero(self._last_seen[:top] < older_than)
+        if not len(silent):
+            return 0
+        keys = self._key_of[silent].tolist()
+        self._key_of[silent] = None
+        self._last_seen[silent] = _FREE
+        deque(map(self.codes.pop, keys), maxlen=0)
+        workers = silent % self.workers
+        slots = silent // self.workers
+        for worker in range(self.workers):
+            mine = np.flatnonzero(workers == worker).tolist()
+            if not mine:
+                continue
+            outbox = outboxes[worker]
+            if not outbox.ticks and not outbox.gone:
+                outbox.oldest_ns = now_ns
+            released = slots[mine].tolist()
+            outbox.gone.extend(released)
+            self._releasing[worker].update(zip(released, map(keys.__getitem__, mine), strict=True))
+        return len(keys)
+
+    def recycle(self, worker: int, slots: list[int]) -> None:
+        """``slots`` were announced gone to ``worker`` (the batch has left): new keys may take them."""
+        releasing = self._releasing[worker]
+        deque(map(releasing.pop, slots), maxlen=0)
+        self._free_slots[worker].extend(slots)
+
+    def _touch(self, codes: Int64Array) -> None:
+        self._last_seen[codes] = self.epoch
 
     def _complete(self, codes: Int64Array, keys: list[str | int], outboxes: list[Outbox]) -> Int64Array:
-        """``codes`` with the -1 of keys not routed before replaced by new codes."""
+        """``codes`` with the -1 of keys not routed before replaced by new codes (-1 stays: over max_keys)."""
+        self.rejected_ticks = 0
         missing = np.flatnonzero(codes < 0)
         if not len(missing):
             return codes
@@ -94,19 +160,61 @@ class KeyRouter:
         found = np.fromiter(map(self.codes.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         unseen = found < 0
         if unseen.any():
-            for key in dict.fromkeys(compress(keys, unseen.tolist())):
-                self._assign(key, outboxes)
-            found = np.fromiter(map(self.codes.__getitem__, keys), dtype=np.int64, count=len(keys))
+            fresh = self._assign(list(dict.fromkeys(compress(keys, unseen.tolist()))), outboxes)
+            new = compress(keys, unseen.tolist())
+            found[unseen] = np.array(list(map(fresh.get, new, repeat(-1))), np.int64)
+            self.rejected_ticks = int(np.count_nonzero(found < 0))
         codes = codes.copy()
         codes[missing] = found
         return codes
 
-    def _assign(self, key: str | int, outboxes: list[Outbox]) -> None:
-        worker = shard_for(key, self.workers)
-        slot = self.next_slot[worker]
-        self.next_slot[worker] += 1
-        self.codes[key] = slot * self.workers + worker
-        outboxes[worker].new_keys.append((slot, key))
+    def _assign(self, fresh: list[str | int], outboxes: list[Outbox]) -> dict[str | int, int]:
+        """Give each new key (distinct, first-seen order) a slot in its worker, as far as max_keys allows.
+
+        Returns the codes of the keys it took (a small dict, cheaper to look up than all codes).
+        """
+        self.rejected_keys = 0
+        if self.max_keys:
+            room = max(0, self.max_keys - len(self.codes))
+            self.rejected_keys = max(0, len(fresh) - room)
+            fresh = fresh[:room]
+        if not fresh:
+            return {}
+        workers = shards_for(fresh, self.workers)
+        codes = np.empty(len(fresh), np.int64)
+        for worker in range(self.workers):
+            mine = np.flatnonzero(workers == worker) if self.workers > 1 else np.arange(len(fresh))
+            if not len(mine):
+                continue
+            slots = self._take_slots(worker, len(mine))
+            codes[mine] = slots * self.workers + worker
+            outboxes[worker].new_keys.extend(zip(slots.tolist(), map(fresh.__getitem__, mine.tolist()), strict=True))
+        taken = dict(zip(fresh, codes.tolist(), strict=True))
+        self.codes.update(taken)
+        self._remember(codes, fresh)
+        return taken
+
+    def _take_slots(self, worker: int, count: int) -> Int64Array:
+        """``count`` slots of ``worker``: recycled ones first, then new ones past the highest."""
+        free = self._free_slots[worker]
+        reused = free[len(free) - min(count, len(free)) :]
+        del free[len(free) - len(reused) :]
+        start = self.next_slot[worker]
+        self.next_slot[worker] = start + count - len(reused)
+        return np.concatenate([np.asarray(reused, np.int64), np.arange(start, self.next_slot[worker], dtype=np.int64)])
+
+    def _remember(self, codes: Int64Array, keys: list[str | int]) -> None:
+        """Per-code key and last-seen tables, grown by doubling to cover ``codes``."""
+        top = int(codes.max()) + 1
+        if top > len(self._key_of):
+            size = max(top, 2 * len(self._key_of), 1024)
+            key_of = np.empty(size, dtype=object)
+            key_of[: len(self._key_of)] = self._key_of
+            last_seen = np.full(size, _FREE, np.int64)
+            last_seen[: len(self._last_seen)] = self._last_seen
+            self._key_of, self._last_seen = key_of, last_seen
+        self._key_of[codes] = keys
+        self._last_seen[codes] = self.epoch
 
     def _ticks_by_worker(self, workers: Int64Array) -> list[Int64Array]:
         """Per worker, the indices of its ticks in arrival order."""

@@ -10,6 +10,10 @@ the ingest process caches the answer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 
 def key_bytes(key: str | int) -> bytes:
@@ -23,3 +27,12 @@ def shard_for(key: str | int, workers: int) -> int:
     """The worker index (0 <= index < workers) that owns ``key``."""
     digest = hashlib.blake2b(key_bytes(key), digest_size=8).digest()
     return int.from_bytes(digest, "little") % workers
+
+
+def shards_for(keys: Sequence[str | int], workers: int) -> npt.NDArray[np.int64]:
+    """:func:`shard_for` of many keys at once: one digest per key, the modulo vectorised."""
+    if workers == 1:
+        return np.zeros(len(keys), np.int64)
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(key_bytes(key), digest_size=8).digest() for key in keys])
+    return (np.frombuffer(digests, "<u8") % np.uint64(workers)).astype(np.int64)

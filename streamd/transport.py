@@ -3,8 +3,12 @@
 A data batch is five frames: a small msgpack header, then the raw little-endian NumPy
 buffers of the slot, time, price and quantity columns. Columns move as buffers, never
 re-encoded per tick. Keys travel once per key lifetime: each ingest assigns each key a
-dense slot in its worker and announces ``[slot, key]`` pairs in the header of the first
-batch that carries the key (and again after the worker was restarted). Slots are private
+dense slot in its worker and announces ``(slot, key)`` pairs (as a slot column and a key list)
+in the header of the first
+batch that carries the key (and again after the worker was restarted). When the ingest evicts
+a silent key (``[state] key_ttl``) it lists the key's slot as *gone* in the next batch to that
+worker: the worker unmaps it after that batch's ticks, and the ingest reuses the slot only for
+keys announced in later batches. Slots are private
 to one incarnation of one ingest and one worker, so the header names the ingest and its
 generation (a restarted ingest numbers its slots afresh).
 
@@ -19,7 +23,8 @@ it wakes the ingest, whose flow control reads the applied counts from the ledger
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -45,6 +50,7 @@ class WorkerBatch:
     ingest_generation: int  # which incarnation of that ingest: a restarted ingest numbers slots afresh
     generation: int  # the worker generation it was sent to
     seq_start: int  # ticks this ingest handed to this worker before this batch (the ledger)
+    gone: list[int] = field(default_factory=list)  # slots released by the ingest, unmapped after the ticks
 
 
 @dataclass(frozen=True)
@@ -58,15 +64,18 @@ Message = WorkerBatch | EndOfInput
 
 
 def encode_batch(batch: WorkerBatch) -> list[Any]:
-    header = {
+    header: dict[str, Any] = {
         "n": len(batch.t),
-        "new": [list(pair) for pair in batch.new_keys],
+        "new_slots": np.fromiter(map(itemgetter(0), batch.new_keys), _SLOT, len(batch.new_keys)).tobytes(),
+        "new_keys": list(map(itemgetter(1), batch.new_keys)),
         "recv_ns": batch.recv_ns,
         "i": batch.ingest,
         "ig": batch.ingest_generation,
         "g": batch.generation,
         "seq": batch.seq_start,
     }
+    if batch.gone:
+        header["gone"] = np.asarray(batch.gone, _SLOT).tobytes()
     return [
         msgpack.packb(header),
         np.ascontiguousarray(batch.slots, _SLOT),
@@ -93,9 +102,10 @@ def decode(frames: list[Any]) -> Message:
         msg = f"worker batch header says {n} ticks, columns disagree"
         raise ValueError(msg)
     slots, t, p, q = columns
-    new_keys = [(s, k) for s, k in header["new"]]
+    new_keys = list(zip(np.frombuffer(header["new_slots"], _SLOT).tolist(), header["new_keys"], strict=True))
+    gone = np.frombuffer(header["gone"], _SLOT).tolist() if "gone" in header else []
     return WorkerBatch(
-        slots, t, p, q, new_keys, header["recv_ns"], header["i"], header["ig"], header["g"], header["seq"]
+        slots, t, p, q, new_keys, header["recv_ns"], header["i"], header["ig"], header["g"], header["seq"], gone
     )
 
 

@@ -22,10 +22,11 @@ import zmq
 
 from streamd.config import Config, SignalSpec
 from streamd.control import Failed, Ready, Reload, Stop
+from streamd.keytable import KeyTable
 from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
-from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
+from streamd.records import encode_batch_record, encode_record_payloads, record_heads, topics_for
 from streamd.runtime import RuntimePaths, die_with_parent, name_process
 from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine, SignalResult
@@ -33,6 +34,8 @@ from streamd.windows import KERNEL, Engine, SignalResult
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: send_multipart and flag enums cost 3x two plain sends
 _NOBLOCK = int(zmq.NOBLOCK)
+_RETIRE_EVERY_S = 1.0  # how often tables of replaced ingest incarnations are looked at
+_RETIRE_GRACE_S = 5.0  # a replaced incarnation that sent nothing for this long has nothing left queued
 
 
 class Throttle:
@@ -70,6 +73,17 @@ class Throttle:
         self.last_emit[sent] = now_ns
         return SignalResult(sent, result.t[due], {name: col[due] for name, col in result.stats.items()})
 
+    def release(self, slots: np.ndarray) -> SignalResult | None:
+        """Forget these keys (they are evicted); return their held rows, which go out now."""
+        slots = slots[slots < len(self.pending)]
+        held = slots[self.pending[slots]]
+        self.pending[slots] = False
+        self.last_emit[slots] = np.iinfo(np.int64).min // 2
+        if not len(held):
+            return None
+        stats = {name: self.pending_values[row, held] for row, name in enumerate(self.stats)}
+        return SignalResult(held, self.pending_t[held], stats)
+
     def due(self, now_ns: int, *, everything: bool = False) -> SignalResult | None:
         """Held rows whose interval has elapsed (all held rows when ``everything``, at shutdown)."""
         if not len(self.pending):
@@ -90,17 +104,36 @@ class SignalPublisher:
     def __init__(self, spec: SignalSpec, sock: zmq.Socket[Any], metrics: WorkerMetrics) -> None:
         self.spec = spec
         self._sock = sock
-        self._topics: list[bytes] = []
-        self._heads: list[bytes] = []
+        self._topics = np.empty(0, dtype=object)  # per local key index, built when first published
+        self._heads = np.empty(0, dtype=object)
+        self._named = np.zeros(0, bool)
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
         self._dropped = metrics.publish_dropped.labels(spec.name)
         self._throttle = Throttle(spec.emit_interval_ns, spec.stats) if spec.emit_interval_ns else None
 
-    def add_keys(self, keys: Sequence[str | int]) -> None:
-        """Topics and record heads are built once per key lifetime."""
-        self._topics.extend(topic_for(self.spec.name, key) for key in keys)
-        self._heads.extend(record_head(self.spec.name, key, len(self.spec.stats)) for key in keys)
+    def evict(self, indices: np.ndarray, keys: np.ndarray) -> None:
+        """These keys' state is being dropped: their held rows go out now, their names are forgotten."""
+        if self._throttle is not None:
+            result = self._throttle.release(indices)
+            if result is not None:
+                self._send(result, keys)
+        self._named[indices[indices < len(self._named)]] = False
+
+    def _names(self, slots: np.ndarray, keys: np.ndarray) -> tuple[list[bytes], list[bytes]]:
+        """Topics and record heads of these key indices, built once per key lifetime, when first needed."""
+        if len(self._named) < len(keys):
+            extra = len(keys) - len(self._named)
+            self._named = np.concatenate([self._named, np.zeros(extra, bool)])
+            self._heads = np.concatenate([self._heads, np.full(extra, None)])
+            self._topics = np.concatenate([self._topics, np.full(extra, None)])
+        unnamed = slots[~self._named[slots]]
+        if len(unnamed):
+            new = keys[unnamed].tolist()
+            self._heads[unnamed] = record_heads(self.spec.name, new, len(self.spec.stats))
+            self._topics[unnamed] = topics_for(self.spec.name, new)
+            self._named[unnamed] = True
+        return self._heads[slots].tolist(), self._topics[slots].tolist()
 
     def publish(self, result: SignalResult, keys: np.ndarray) -> None:
         if self._throttle is not None:
@@ -135,12 +168,12 @@ class SignalPublisher:
                 self._messages.inc()
                 sent = rows
         else:
-            slots = result.slots.tolist()
-            payloads = encode_record_payloads([self._heads[s] for s in slots], result.t, stats, pub_ns)
+            heads, topics = self._names(result.slots, keys)
+            payloads = encode_record_payloads(heads, result.t, stats, pub_ns)
             send = self._sock.send
-            for slot, payload in zip(slots, payloads, strict=True):
+            for topic, payload in zip(topics, payloads, strict=True):
                 try:
-                    send(self._topics[slot], _SNDMORE | _NOBLOCK)
+                    send(topic, _SNDMORE | _NOBLOCK)
                 except zmq.Again:
                     continue
                 send(payload)
@@ -149,66 +182,6 @@ class SignalPublisher:
         self._published.inc(sent)
         if sent < rows:
             self._dropped.inc(rows - sent)
-
-
-class KeyTable:
-    """The worker's keys: a dense local index per key, and each ingest's slot -> local index.
-
-    Each ingest numbers the keys it sends here on its own, and a replaced ingest numbers them
-    afresh, so the same key may arrive under different slots from different ingests (or
-    incarnations of one); all of them lead to the one local index that the engine and the
-    publishers use. Tables of incarnations two generations old are dropped: by then nothing of
-    theirs can still be queued.
-    """
-
-    def __init__(self) -> None:
-        self.keys = np.empty(0, dtype=object)
-        self.count = 0
-        self._index: dict[str | int, int] = {}
-        self._tables: dict[tuple[int, int], np.ndarray] = {}
-
-    def learn(self, ingest: int, generation: int, announced: list[tuple[int, str | int]]) -> list[str | int]:
-        """Record an ingest's new ``(slot, key)`` pairs; return the keys this worker had never seen."""
-        table = self._table(ingest, generation)
-        if not announced:
-            return []
-        fresh: list[str | int] = []
-        top = max(slot for slot, _ in announced) + 1
-        if top > len(table):
-            grown = np.zeros(max(top, 2 * len(table)), np.int64)
-            grown[: len(table)] = table
-            table = self._tables[ingest, generation] = grown
-        for slot, key in announced:
-            local = self._index.get(key)
-            if local is None:
-                local = self._index[key] = self.count + len(fresh)
-                fresh.append(key)
-            table[slot] = local
-        if fresh:
-            self._append(fresh)
-        return fresh
-
-    def _table(self, ingest: int, generation: int) -> np.ndarray:
-        table = self._tables.get((ingest, generation))
-        if table is None:
-            table = self._tables[ingest, generation] = np.zeros(0, np.int64)
-            for old in [k for k in self._tables if k[0] == ingest and k[1] < generation - 1]:
-                del self._tables[old]
-        return table
-
-    def _append(self, fresh: list[str | int]) -> None:
-        needed = self.count + len(fresh)
-        if needed > len(self.keys):
-            grown = np.empty(max(needed, 2 * len(self.keys)), dtype=object)
-            grown[: self.count] = self.keys[: self.count]
-            self.keys = grown
-        self.keys[self.count : needed] = fresh
-        self.count = needed
-
-    def local(self, ingest: int, generation: int, slots: np.ndarray) -> np.ndarray:
-        """Local key indices of an ingest's slots."""
-        local: np.ndarray = self._tables[ingest, generation][slots]
-        return local
 
 
 class Worker:
@@ -229,6 +202,7 @@ class Worker:
         self.engine = Engine(config.signals)
         self.table = KeyTable()
         self.ended: set[int] = set()
+        self.next_retire = 0.0
         self.running = True
         self.orphaned = False  # the supervisor died: nobody reads our signals any more
 
@@ -265,6 +239,7 @@ class Worker:
             self._drain()
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
+            self._retire_replaced_ingests()
             self._on_control()
 
     def _poll_timeout_ms(self) -> int:
@@ -303,27 +278,49 @@ class Worker:
         self._process(batches)
 
     def _process(self, batches: list[WorkerBatch]) -> None:
+        """Map, apply and publish the batches as one engine call; then drop the state of released keys.
+
+        Per batch: its new keys are mapped before its ticks, its gone slots unmapped after them,
+        so a slot the ingest reuses in a later batch of the same drain is never confused.
+        """
         if not batches:
             return
         started = time.perf_counter()
-        fresh = [
-            key for batch in batches for key in self.table.learn(batch.ingest, batch.ingest_generation, batch.new_keys)
-        ]
-        for publisher in self.publishers:
-            publisher.add_keys(fresh)
-        slots, t, p, q = (
-            np.concatenate(cols) if len(batches) > 1 else cols[0]
-            for cols in zip(
-                *((self.table.local(b.ingest, b.ingest_generation, b.slots), b.t, b.p, b.q) for b in batches),
-                strict=True,
-            )
-        )
+        table = self.table
+        columns = []
+        for b in batches:
+            table.learn(b.ingest, b.ingest_generation, b.new_keys)
+            columns.append((table.local(b.ingest, b.ingest_generation, b.slots, started), b.t, b.p, b.q))
+            table.forget(b.ingest, b.ingest_generation, b.gone)
+        slots, t, p, q = (np.concatenate(cols) if len(batches) > 1 else cols[0] for cols in zip(*columns, strict=True))
         results, late = self.engine.process(slots, t, p, q)
         for publisher, result in zip(self.publishers, results, strict=True):
-            publisher.publish(result, self.table.keys)
+            publisher.publish(result, table.keys)
+        self._evict(table.take_dying())
         now = time.time_ns()
-        self._record(batches, now, int(t.max()) if len(t) else now, started)
+        if len(t):
+            self._record(batches, now, int(t.max()), started)
         self._settle(batches, len(t), late)
+
+    def _evict(self, indices: np.ndarray) -> None:
+        """Drop every trace of keys no ingest routes any more; their indices become free for new keys."""
+        if not len(indices):
+            return
+        for publisher in self.publishers:
+            publisher.evict(indices, self.table.keys)
+        self.engine.evict(indices)
+        self.table.recycle(indices)
+        self.metrics.keys_evicted.inc(len(indices))
+        self.metrics.keys.set(self.engine.n_keys)
+        self.metrics.state_bytes.set(self.engine.memory_bytes())
+
+    def _retire_replaced_ingests(self) -> None:
+        """Keys only a dead ingest incarnation mapped are evicted a few seconds after its replacement."""
+        now = time.perf_counter()
+        if now >= self.next_retire:
+            self.next_retire = now + _RETIRE_EVERY_S
+            self.table.retire_superseded(now, _RETIRE_GRACE_S)
+            self._evict(self.table.take_dying())
 
     def _settle(self, batches: list[WorkerBatch], ticks: int, late: int) -> None:
         """Count the ticks, mark them applied in the ledger, then ack each ingest heard from.
@@ -361,8 +358,6 @@ class Worker:
         self.engine.reconfigure(config.signals)
         self.config = config
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in config.signals]
-        for publisher in self.publishers:
-            publisher.add_keys(self.table.keys[: self.table.count].tolist())
         self.log.info("signals reconfigured", extra={"worker": self.index, "signals": len(config.signals)})
 
     def shutdown(self) -> None:

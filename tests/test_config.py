@@ -198,3 +198,38 @@ def test_workers_override_is_bounded() -> None:
     """--workers obeys the same bounds as workers.count."""
     with pytest.raises(ConfigError, match="--workers: must be between 0 and"):
         with_overrides(Config(), workers=MAX_WORKERS + 1)
+
+
+class TestState:
+    def test_defaults_are_one_hour_and_a_million_keys(self) -> None:
+        """[state] defaults: keys silent for an hour are evicted, a million keys per daemon."""
+        state = Config().state
+        assert (state.key_ttl_ns, state.max_keys) == (3_600_000_000_000, 1_000_000)
+        assert state.max_keys_per_ingest(3) == 333_334
+
+    @pytest.mark.parametrize(("text", "nanos"), [("300ms", 300_000_000), ("10s", 10_000_000_000), ("0", 0)])
+    def test_key_ttl_is_a_duration_or_zero_for_never(self, text: str, nanos: int) -> None:
+        """key_ttl takes a duration; "0" turns eviction off."""
+        assert config_from_mapping({"state": {"key_ttl": text}}).state.key_ttl_ns == nanos
+
+    @pytest.mark.parametrize(
+        ("raw", "key"),
+        [
+            ({"key_ttl": 0}, "state.key_ttl: expected a duration"),
+            ({"key_ttl": "1ms"}, "state.key_ttl: must be at least 10ms"),
+            ({"key_ttl": "-1s"}, "state.key_ttl: bad duration"),
+            ({"max_keys": -1}, "state.max_keys: must be >= 0"),
+            ({"max_keys": "1M"}, "state.max_keys: expected an integer"),
+            ({"max_keys": 2**41}, "state.max_keys: must be <="),
+            ({"keys": 5}, "state.keys: unknown key"),
+        ],
+    )
+    def test_bad_values_name_the_key(self, raw: dict[str, object], key: str) -> None:
+        """Wrong types and out-of-range values of [state] are rejected with the key's name."""
+        with pytest.raises(ConfigError) as info:
+            config_from_mapping({"state": raw})
+        assert str(info.value).startswith(key)
+
+    def test_no_limit(self) -> None:
+        """max_keys = 0 is no limit, for every ingest."""
+        assert config_from_mapping({"state": {"max_keys": 0}}).state.max_keys_per_ingest(4) == 0

@@ -125,7 +125,6 @@ class TestSignalPublisher:
             spec = SignalSpec("s", "count", 3, ("mean",))
             publisher = SignalPublisher(spec, pub, metrics)
             keys = [f"K{i}" for i in range(100)]
-            publisher.add_keys(keys)
             slots = np.arange(100)
             result = SignalResult(slots, np.arange(100), {"mean": np.ones(100)})
             publisher.publish(result, np.array(keys, dtype=object))

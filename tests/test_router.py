@@ -78,3 +78,102 @@ class TestAnnouncement:
         again = [Outbox(), Outbox()]
         router.route(keys, again)
         assert again[0].new_keys == again[1].new_keys == []
+
+
+def sent(router: KeyRouter, outboxes: list[Outbox]) -> list[list[int]]:
+    """What the ingest does when a batch leaves: the gone slots go, and become reusable."""
+    gone = [outbox.gone for outbox in outboxes]
+    for worker, slots in enumerate(gone):
+        router.recycle(worker, slots)
+        outboxes[worker].gone = []
+    return gone
+
+
+class TestEviction:
+    def test_silent_keys_are_released_and_their_slots_reused_after_the_gone_batch(self) -> None:
+        """A key silent past the cut is dropped from the codes; its slot is reused only once announced gone."""
+        router = KeyRouter(1)
+        outboxes = [Outbox()]
+        router.epoch = 1
+        router.route(["A", "B", "C"], outboxes)
+        router.epoch = 5
+        router.route(["B"], outboxes)
+        assert router.evict_silent(3, outboxes, now_ns=0) == 2
+        assert set(router.codes) == {"B"}
+        assert sorted(outboxes[0].gone) == [0, 2]
+        router.route(["D"], outboxes)
+        assert router.codes["D"] == 3, "a released slot is not reused before its gone batch left"
+        assert sorted(sent(router, outboxes)[0]) == [0, 2]
+        outboxes[0].new_keys.clear()
+        router.route(["E", "A"], outboxes)
+        assert {router.codes["E"], router.codes["A"]} == {0, 2}
+        assert {k for _, k in outboxes[0].new_keys} == {"E", "A"}, "a returning key is announced as new"
+
+    def test_releasing_slots_are_announced_to_a_replacement_worker(self) -> None:
+        """After a worker restart the replacement learns released slots too, since their gone is still to come."""
+        router = KeyRouter(2)
+        outboxes = [Outbox(), Outbox()]
+        keys = [f"K{i}" for i in range(10)]
+        router.route(keys, outboxes)
+        router.epoch = 10
+        router.evict_silent(5, outboxes, now_ns=0)
+        for worker in (0, 1):
+            assert sorted(s for s, _ in router.announcement(worker)) == sorted(outboxes[worker].gone)
+        sent(router, outboxes)
+        assert router.announcement(0) == router.announcement(1) == []
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.lists(st.integers(0, 30), max_size=20), max_size=12), st.integers(1, 3))
+    def test_slots_stay_unique_and_bounded_under_churn(self, rounds: list[list[int]], workers: int) -> None:
+        """Live keys never share a slot, and slots in use stay below the most keys ever live at once."""
+        router = KeyRouter(workers)
+        outboxes = [Outbox() for _ in range(workers)]
+        most = [0] * workers
+        for epoch, keys in enumerate(rounds):
+            router.epoch = epoch
+            router.route([f"K{k}" for k in keys], outboxes)
+            codes = list(router.codes.values())
+            assert len(set(codes)) == len(codes)
+            for worker in range(workers):
+                most[worker] = max(most[worker], sum(code % workers == worker for code in codes))
+            router.evict_silent(epoch, outboxes, now_ns=0)
+            sent(router, outboxes)
+        assert all(top <= bound for top, bound in zip(router.next_slot, most, strict=True))
+
+    def test_route_marks_ticks_as_seen(self) -> None:
+        """A key that keeps ticking is never released."""
+        router = KeyRouter(1)
+        outboxes = [Outbox()]
+        for epoch in range(10):
+            router.epoch = epoch
+            router.split(decode_payloads(flush_of(["live"]), router.codes), outboxes)
+            if epoch == 0:
+                router.route(["quiet"], outboxes)
+            router.evict_silent(epoch - 3, outboxes, now_ns=0)
+        assert set(router.codes) == {"live"}
+
+
+class TestMaxKeys:
+    def test_new_keys_beyond_the_limit_are_rejected_and_known_keys_flow(self) -> None:
+        """Ticks of keys past max_keys are left out and counted; keys already routed are unaffected."""
+        router = KeyRouter(2, max_keys=3)
+        outboxes = [Outbox(), Outbox()]
+        parts = router.split(decode_payloads(flush_of(["A", "B", "C", "D", "A", "E", "D"]), router.codes), outboxes)
+        assert sum(len(p.t) for p in parts) == 4
+        assert router.rejected_ticks == 3
+        assert router.rejected_keys == 2
+        assert set(router.codes) == {"A", "B", "C"}
+        parts = router.split(decode_payloads(flush_of(["C", "B"]), router.codes), outboxes)
+        assert sum(len(p.t) for p in parts) == 2
+        assert router.rejected_ticks == 0
+
+    def test_evicted_keys_make_room(self) -> None:
+        """Once a key is released, a new key may take its place under the limit."""
+        router = KeyRouter(1, max_keys=1)
+        outboxes = [Outbox()]
+        router.route(["A"], outboxes)
+        router.epoch = 9
+        router.evict_silent(5, outboxes, now_ns=0)
+        codes = router.route(["B"], outboxes)
+        assert codes.tolist() == [1]
+        assert router.rejected_ticks == 0

@@ -1,0 +1,359 @@
+"""``python -m bench.keyflood [--quick]``: bounded per-key state under a flood of new keys, in a real daemon.
+
+1. Memory: distinct keys (10 M, ``--quick`` 1.2 M) arrive at a steady rate, one tick each, through a
+   daemon with ``key_ttl = "10s"``; the resident memory of all daemon processes (from /proc) is
+   sampled over time. Once a key_ttl has passed, keys are evicted as fast as they arrive, so memory
+   stays flat: the slope after warm-up is printed. Then what an eviction costs per key, in process.
+2. New-key rate: per ingest, a feed where every tick is a new key, as fast as the daemon takes it
+   and paced at 200k keys/s, while live keys tick beside it; the live keys' record latency and rate
+   are compared with a run without the flood, in the same daemon, as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from bench.harness import CONTEXT, Daemon, SignalOptions, finish, hdr_quantiles, start_subscriber
+from bench.report import Table, print_tables
+from streamd.config import DEFAULT_SIGNALS
+from streamd.keytable import KeyTable
+from streamd.protocol import encode_columnar_bin
+from streamd.router import KeyRouter, Outbox
+from streamd.windows import Engine
+
+BATCH = 2_000  # new keys per message
+LIVE_KEYS = 100
+LIVE_TICKS_PER_S = 5_000
+
+
+# -- load generators (each in its own process) ------------------------------------------------
+
+
+def flood_main(
+    endpoint: str, first: int, total: int, keys_per_s: float, ready: Any, go: Any, stop: Any, sent: Any
+) -> None:
+    """Columnar batches of keys never seen before (``n{first}``, ``n{first+1}`` ...), paced or as fast as taken."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 4)
+    sock.connect(endpoint)
+    ready.set()
+    go.wait()
+    started = time.perf_counter()
+    done = 0
+    p = np.full(BATCH, 100.0)
+    while done < total and not stop.is_set():
+        if keys_per_s:
+            wait = started + done / keys_per_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        n = min(BATCH, total - done)
+        keys = [f"n{i}" for i in range(first + done, first + done + n)]
+        t = np.full(n, time.time_ns(), np.int64)
+        try:
+            sock.send(encode_columnar_bin(keys, t, p[:n]), zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(0.0005)
+            continue
+        done += n
+        sent.value = done
+    sock.close(linger=5000)
+    ctx.term()
+
+
+def live_main(endpoint: str, ready: Any, go: Any, stop: Any, sent: Any) -> None:
+    """``LIVE_KEYS`` keys ticking at ``LIVE_TICKS_PER_S`` in all, stamped with the send wall clock."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    keys = [f"L{i}" for i in range(LIVE_KEYS)]
+    p = np.full(LIVE_KEYS, 50.0)
+    ready.set()
+    go.wait()
+    started = time.perf_counter()
+    done = 0
+    while not stop.is_set():
+        wait = started + done / LIVE_TICKS_PER_S - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        sock.send(encode_columnar_bin(keys, np.full(LIVE_KEYS, time.time_ns(), np.int64), p))
+        done += LIVE_KEYS
+        sent.value = done
+    sock.close(linger=1000)
+    ctx.term()
+
+
+@dataclass
+class Generator:
+    process: Any
+    stop: Any
+    sent: Any
+
+
+def start_generators(targets: list[tuple[Any, tuple[Any, ...]]]) -> list[Generator]:
+    """Start each target, wait until all are connected, then let them go together."""
+    go = CONTEXT.Event()
+    generators, readies = [], []
+    for target, args in targets:
+        ready, stop, sent = CONTEXT.Event(), CONTEXT.Event(), CONTEXT.Value("q", 0)
+        process = CONTEXT.Process(target=target, args=(*args, ready, go, stop, sent))
+        process.start()
+        generators.append(Generator(process, stop, sent))
+        readies.append(ready)
+    for ready in readies:
+        ready.wait(60)
+    time.sleep(0.3)
+    go.set()
+    return generators
+
+
+def stop_generators(generators: list[Generator]) -> None:
+    for generator in generators:
+        generator.stop.set()
+    for generator in generators:
+        generator.process.join(30)
+        if generator.process.is_alive():
+            generator.process.kill()
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def session_rss(session: int) -> int:
+    """Resident bytes of every process in ``session`` (the daemon runs in its own)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:
+            total += int(fields[21])
+    return total * 4096
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:,.0f}"
+
+
+def daemon_keys(daemon: Daemon) -> dict[str, float]:
+    m = daemon.scrape()
+    return {
+        "routed": m.total("streamd_ingest_keys"),
+        "held": m.total("streamd_worker_keys"),
+        "released": m.total("streamd_ingest_keys_released_total"),
+        "evicted": m.total("streamd_keys_evicted_total"),
+        "processed": m.total("streamd_ticks_processed_total"),
+        "received": m.total("streamd_ticks_received_total"),
+        "busy": m.total("streamd_worker_busy_seconds_total"),
+    }
+
+
+# -- 1. memory under a steady flood -----------------------------------------------------------
+
+
+def memory_under_flood(total: int, keys_per_s: float, ttl_s: float) -> Table:
+    table = Table(
+        f"Resident memory of the daemon: {total:,} distinct keys at {keys_per_s:,.0f}/s, one tick each, "
+        f'key_ttl = "{ttl_s:g}s" (1 ingest, 1 worker, the built-in 3 signals)',
+        ["t (s)", "keys sent", "keys routed", "keys held", "keys evicted", "RSS (MiB)"],
+    )
+    extra = f'[state]\nkey_ttl = "{ttl_s:g}s"\nmax_keys = 10000000\n'
+    daemon = Daemon(1, SignalOptions(), extra_toml=extra)
+    daemon.start()
+    try:
+        assert daemon.process is not None
+        session = daemon.process.pid
+        base = session_rss(session)
+        generators = start_generators([(flood_main, (daemon.ingest, 0, total, keys_per_s))])
+        started = time.monotonic()
+        samples: list[tuple[float, int, int]] = []
+        next_row = 0.0
+        while generators[0].process.is_alive():
+            time.sleep(1.0)
+            now = time.monotonic() - started
+            sent, rss = generators[0].sent.value, session_rss(session)
+            samples.append((now, sent, rss))
+            if now >= next_row:
+                keys = daemon_keys(daemon)
+                table.add(
+                    f"{now:.0f}",
+                    f"{sent:,}",
+                    f"{keys['routed']:,.0f}",
+                    f"{keys['held']:,.0f}",
+                    f"{keys['evicted']:,.0f}",
+                    mib(rss),
+                )
+                next_row = now + max(1.0, total / keys_per_s / 15)
+        stop_generators(generators)
+        elapsed = time.monotonic() - started
+        ok, _ = daemon.wait_idle(60)
+        keys = daemon_keys(daemon)
+        table.add(
+            f"{elapsed:.0f} (end)",
+            f"{total:,}",
+            f"{keys['routed']:,.0f}",
+            f"{keys['held']:,.0f}",
+            f"{keys['evicted']:,.0f}",
+            mib(session_rss(session)),
+        )
+    finally:
+        daemon.stop()
+    warm = [(t, s, r) for t, s, r in samples if t >= 2 * ttl_s]
+    if len(warm) >= 3:
+        t, sent, rss = (np.array(column, float) for column in zip(*warm, strict=True))
+        per_s = np.polyfit(t, rss, 1)[0]
+        per_million = np.polyfit(sent, rss, 1)[0] * 1e6
+        table.notes.append(
+            f"after warm-up (t >= {2 * ttl_s:g} s, {len(warm)} samples): RSS slope {per_s / 2**20:+.2f} MiB/s, "
+            f"{per_million / 2**20:+.1f} MiB per million keys sent; RSS {mib(rss.min())}..{mib(rss.max())} MiB "
+            f"(idle daemon before the flood: {mib(base)} MiB)"
+        )
+    table.notes.append(f"achieved {total / elapsed:,.0f} new keys/s; went idle with the books balanced: {ok}")
+    table.data = {"samples": samples, "base_rss": base}
+    return table
+
+
+def eviction_cost(n: int, repeats: int = 3) -> Table:
+    """What evicting a key costs in each process, in process (no sockets), median of ``repeats``."""
+    table = Table(f"Eviction cost per key ({n:,} keys at once, median of {repeats})", ["where", "what", "ns per key"])
+    ingest, worker = [], []
+    keys = [f"n{i}" for i in range(n)]
+    for _ in range(repeats):
+        router = KeyRouter(2)
+        outboxes = [Outbox(), Outbox()]
+        router.route(keys, outboxes)
+        router.epoch = 10
+        started = time.perf_counter()
+        router.evict_silent(5, outboxes, 0)
+        for w in (0, 1):
+            router.recycle(w, outboxes[w].gone)
+        ingest.append((time.perf_counter() - started) / n * 1e9)
+
+        table_ = KeyTable()
+        engine = Engine(DEFAULT_SIGNALS)
+        table_.learn(0, 0, list(enumerate(keys)))
+        slots = np.arange(n, dtype=np.int64)
+        local = table_.local(0, 0, slots)
+        engine.process(local, np.full(n, 1, np.int64), np.ones(n), np.ones(n))
+        started = time.perf_counter()
+        table_.forget(0, 0, slots.tolist())
+        dying = table_.take_dying()
+        engine.evict(dying)
+        table_.recycle(dying)
+        worker.append((time.perf_counter() - started) / n * 1e9)
+    table.add("ingest", "find silent keys, drop their codes, announce and recycle slots", f"{np.median(ingest):,.0f}")
+    table.add("worker", "unmap slots, drop engine state (3 signals), free the index", f"{np.median(worker):,.0f}")
+    return table
+
+
+# -- 2. new-key rate with live keys beside -----------------------------------------------------
+
+
+def live_phase(daemon: Daemon, seconds: float, flood_rate: float | None, first_key: int) -> dict[str, Any]:
+    """Live keys for ``seconds``, with a flood of new keys beside them (None: no flood; 0: unpaced)."""
+    sub = start_subscriber(daemon.publish, "px1s.L", measure_latency=True, warmup_s=0.5)
+    before = daemon_keys(daemon)
+    targets: list[tuple[Any, tuple[Any, ...]]] = [(live_main, (daemon.ingest,))]
+    if flood_rate is not None:
+        targets.append((flood_main, (daemon.ingest, first_key, 10**9, flood_rate)))
+    generators = start_generators(targets)
+    started = time.monotonic()
+    time.sleep(seconds)
+    mid = daemon_keys(daemon)
+    elapsed = time.monotonic() - started
+    stop_generators(generators)
+    [report] = finish(sub, 1)
+    daemon.wait_idle(60)
+    live_sent = generators[0].sent.value
+    flood_sent = generators[1].sent.value if flood_rate is not None else 0
+    new_keys = (mid["routed"] + mid["released"]) - (before["routed"] + before["released"])
+    p50, p99 = hdr_quantiles(report["hdr"], (0.5, 0.99))
+    return {
+        "new_keys_per_s": new_keys / elapsed,
+        "flood_sent": flood_sent,
+        "live_records_per_s": report["messages"] / elapsed,
+        "live_sent_per_s": live_sent / elapsed,
+        "p50_ms": p50 / 1e6,
+        "p99_ms": p99 / 1e6,
+        "busy": (mid["busy"] - before["busy"]) / elapsed,
+    }
+
+
+def new_key_rate(seconds: float) -> Table:
+    table = Table(
+        f"New keys per second through one ingest, {LIVE_KEYS} live keys beside them at {LIVE_TICKS_PER_S:,} ticks/s "
+        f'(1 ingest, 1 worker, built-in 3 signals, key_ttl = "2s"; {seconds:g} s per phase, interleaved)',
+        ["phase", "new keys/s", "live records/s", "live p50 (ms)", "live p99 (ms)", "p99 vs alone", "worker busy"],
+    )
+    daemon = Daemon(1, SignalOptions(), extra_toml='[state]\nkey_ttl = "2s"\nmax_keys = 10000000\n')
+    daemon.start()
+    phases: dict[str, list[dict[str, Any]]] = {
+        "live keys alone": [],
+        "flood, as fast as taken": [],
+        "flood paced at 200k/s": [],
+    }
+    try:
+        first = 0
+        for _ in range(2):
+            for name, rate in (
+                ("live keys alone", None),
+                ("flood, as fast as taken", 0.0),
+                ("flood paced at 200k/s", 200_000.0),
+            ):
+                result = live_phase(daemon, seconds, rate, first)
+                first += result["flood_sent"]
+                phases[name].append(result)
+    finally:
+        daemon.stop()
+    alone = float(np.median([r["p99_ms"] for r in phases["live keys alone"]]))
+    for name, results in phases.items():
+        med = {k: float(np.median([r[k] for r in results])) for k in results[0]}
+        table.add(
+            name,
+            f"{med['new_keys_per_s']:,.0f}",
+            f"{med['live_records_per_s']:,.0f}",
+            f"{med['p50_ms']:.2f}",
+            f"{med['p99_ms']:.2f}",
+            f"{med['p99_ms'] / alone:.2f}x",
+            f"{med['busy']:.0%}",
+        )
+    table.notes.append("new keys/s: keys the ingest started routing per second (streamd_ingest_keys + released)")
+    table.notes.append("live latency: subscriber receive wall clock - send wall clock, px1s records of live keys")
+    table.data = phases
+    return table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.keyflood", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1.2 M keys and shorter phases (validation)")
+    parser.add_argument("--only", choices=("memory", "rate"), help="run one of the two parts")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tables = []
+    if args.only in (None, "memory"):
+        total, rate = (1_200_000, 40_000.0) if args.quick else (10_000_000, 100_000.0)
+        tables.append(memory_under_flood(total, rate, 10.0))
+        tables.append(eviction_cost(100_000 if args.quick else 1_000_000))
+        print_tables(tables[-2:])
+    if args.only in (None, "rate"):
+        tables.append(new_key_rate(4.0 if args.quick else 10.0))
+        print_tables(tables[-1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Bounded per-key state in the real daemon: silent keys are evicted everywhere, new keys are capped."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import msgpack
+
+from tests.helpers import Daemon, Subscriber, feed, running_daemon
+
+COUNT_SIGNAL = """
+[[signal]]
+name = "c"
+window = "count"
+size = 1000
+stats = ["count", "last"]
+[[signal]]
+name = "held"
+window = "count"
+size = 1000
+stats = ["count"]
+emit_interval = "10s"
+"""
+
+
+def ticks_of(keys: list[str], price: float = 1.0) -> bytes:
+    now = time.time_ns()
+    return msgpack.packb([[key, now + i, price] for i, key in enumerate(keys)])
+
+
+def keep_ticking(daemon: Daemon, keys: list[str], stop: threading.Event, sent: dict[str, int]) -> None:
+    """Live keys: one tick each every 20 ms until ``stop``."""
+    while not stop.is_set():
+        feed(daemon.ingest, [ticks_of(keys)])
+        for key in keys:
+            sent[key] += 1
+        time.sleep(0.02)
+
+
+def test_silent_keys_are_evicted_and_come_back_empty(tmp_path: Path) -> None:
+    """key_ttl = 300ms: silent keys leave every table (metric), a returning key counts from 1, live keys go on.
+
+    Rows an ``emit_interval`` still held for an evicted key are published when it is evicted.
+    """
+    state = '[state]\nkey_ttl = "300ms"\n'
+    with running_daemon(tmp_path, workers=2, ingests=2, extra_toml=state + COUNT_SIGNAL) as daemon:
+        sub = Subscriber(daemon, b"c.")
+        held = Subscriber(daemon, b"held.S")
+        sub.sync()
+        silent = [f"S{i}" for i in range(20)]
+        live = [f"L{i}" for i in range(4)]
+        feed(daemon.ingest, [ticks_of(silent)] * 3)
+        feed(daemon.ingests[1], [ticks_of(silent[:5])])
+        sub.collect(lambda: sum(r["k"] in silent for r in sub.records) >= 25)
+        sent: dict[str, int] = defaultdict(int)
+        stop = threading.Event()
+        feeder = threading.Thread(target=keep_ticking, args=(daemon, live, stop, sent))
+        feeder.start()
+        try:
+            daemon.wait_for(lambda: daemon.metric("streamd_keys_evicted_total") >= 21, 10, "silent keys evicted")
+            assert daemon.metric("streamd_ingest_keys_released_total") >= 26
+            assert daemon.metric("streamd_worker_keys") == len(live)
+            assert daemon.metric("streamd_ingest_keys") == len(live)
+        finally:
+            stop.set()
+            feeder.join(10)
+        final = {key: 4 if key in silent[:5] else 3 for key in silent}
+        held.collect(lambda: {r["k"]: r["count"] for r in held.records} == final, 5)  # held rows go out on eviction
+        held.close()
+        sub.records.clear()
+        feed(daemon.ingests[1], [ticks_of(silent[:2], price=7.0)])
+        sub.collect(lambda: sum(r["k"] in silent for r in sub.records) >= 2)
+        assert sorted((r["k"], r["count"], r["last"]) for r in sub.records if r["k"] in silent) == [
+            ("S0", 1, 7.0),
+            ("S1", 1, 7.0),
+        ]
+        books = daemon.wait_idle()
+        assert (
+            books['streamd_ticks_processed_total{worker="0"}'] + books['streamd_ticks_processed_total{worker="1"}']
+            == books["streamd_ticks_received_total"]
+        )
+        sub.records.clear()
+        feed(daemon.ingest, [ticks_of(live)])
+        sub.collect(lambda: sum(r["k"] in live for r in sub.records) >= len(live))
+        sub.close()
+    counts = {r["k"]: r["count"] for r in sub.records if r["k"] in live}
+    assert counts == {key: sent[key] + 1 for key in live}, "live keys kept their windows throughout"
+
+
+def test_new_keys_beyond_max_keys_are_dropped_and_known_keys_flow(tmp_path: Path) -> None:
+    """max_keys = 4: ticks of a fifth key are dropped as key_limit, the four known keys keep their records."""
+    with running_daemon(tmp_path, workers=2, extra_toml="[state]\nmax_keys = 4\n" + COUNT_SIGNAL) as daemon:
+        sub = Subscriber(daemon, b"c.")
+        sub.sync()  # the probe key is the first of the four
+        feed(daemon.ingest, [ticks_of(["A", "B", "C"])])
+        feed(daemon.ingest, [ticks_of(["D", "A", "E", "D"])])
+        feed(daemon.ingest, [ticks_of(["A", "B"])])
+        sub.collect(lambda: sum(r["k"] == "A" for r in sub.records) >= 3)
+        books = daemon.wait_idle()
+        sub.close()
+        assert books['streamd_ticks_dropped_total{reason="key_limit"}'] == 3
+        assert "state.max_keys reached" in daemon.log()
+    assert [r["count"] for r in sub.records if r["k"] == "A"] == [1, 2, 3]
+    assert not any(r["k"] in ("D", "E") for r in sub.records)
