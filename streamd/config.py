@@ -152,6 +152,15 @@ class ShutdownConfig:
     graceful_timeout_ns: int = 5_000_000_000
 
 
+@dataclass(frozen=True)
+class StateConfig:
+    """``[state]``: where workers checkpoint their windows so that they outlive processes (None = nowhere)."""
+
+    dir: str | None = None
+    snapshot_interval_ns: int = 2_000_000_000
+    journal_bytes: int = 256 << 20  # per ingest: ticks handed over since each worker's last checkpoint, 32 B each
+
+
 def default_instance_name() -> str:
     """The host name, with what a KV key token cannot hold (dots of an FQDN) turned into '-'."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "streamd"
@@ -193,6 +202,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     signals: tuple[SignalSpec, ...] = DEFAULT_SIGNALS
     cluster: ClusterConfig | None = None
     gateway: GatewayConfig | None = None
@@ -356,6 +366,25 @@ def _build_shutdown(raw: Mapping[str, Any]) -> ShutdownConfig:
     return ShutdownConfig(graceful_timeout_ns=parse_duration(timeout, "shutdown.graceful_timeout"))
 
 
+def _build_state(raw: Mapping[str, Any]) -> StateConfig:
+    table = _table(raw, "state", {"dir", "snapshot_interval", "journal_bytes"})
+    default = StateConfig()
+    directory = table.get("dir")
+    if directory is not None and not _expect(directory, str, "state.dir", "a directory path"):
+        msg = "state.dir: empty path (leave the key out to keep no state)"
+        raise ConfigError(msg)
+    interval = table.get("snapshot_interval")
+    return StateConfig(
+        dir=directory,
+        snapshot_interval_ns=default.snapshot_interval_ns
+        if interval is None
+        else parse_duration(interval, "state.snapshot_interval"),
+        journal_bytes=_bounded_int(
+            table.get("journal_bytes", default.journal_bytes), "state.journal_bytes", 1 << 20, 1 << 40
+        ),
+    )
+
+
 def _build_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
     if "cluster" not in raw:
         return None
@@ -464,7 +493,19 @@ def _build_signals(raw: Mapping[str, Any]) -> tuple[SignalSpec, ...]:
 
 def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
     """Build and validate a :class:`Config` from parsed TOML."""
-    allowed = {"ingest", "latency", "workers", "publish", "metrics", "log", "shutdown", "signal", "cluster", "gateway"}
+    allowed = {
+        "ingest",
+        "latency",
+        "workers",
+        "publish",
+        "metrics",
+        "log",
+        "shutdown",
+        "signal",
+        "cluster",
+        "gateway",
+        "state",
+    }
     _reject_unknown(raw, allowed, "")
     return Config(
         ingest=_build_ingest(raw),
@@ -474,6 +515,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         metrics=_build_metrics(raw),
         log=_build_log(raw),
         shutdown=_build_shutdown(raw),
+        state=_build_state(raw),
         signals=_build_signals(raw),
         cluster=_build_cluster(raw),
         gateway=_build_gateway(raw),

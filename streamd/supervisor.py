@@ -363,7 +363,13 @@ class Supervisor:
             self.log.error("config reload rejected, keeping the running config", extra={"error": str(exc)})
             self.notifier.ready()
             return
-        fixed = {"ingest": new.ingest, "publish": new.publish, "metrics": new.metrics, "workers": new.workers}
+        fixed = {
+            "ingest": new.ingest,
+            "publish": new.publish,
+            "metrics": new.metrics,
+            "workers": new.workers,
+            "state": new.state,
+        }
         changed = [name for name, value in fixed.items() if getattr(self.config, name) != value]
         if changed:
             self.log.warning(
@@ -375,6 +381,7 @@ class Supervisor:
             publish=self.config.publish,
             metrics=self.config.metrics,
             workers=self.config.workers,
+            state=self.config.state,
         )
         apply_log_config(self.config.log)
         for child in self._children():
