@@ -153,10 +153,14 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    """``[state]``: how long a silent key keeps its state, and how many keys may hold state at once."""
+    """``[state]``: how long a silent key keeps its state, how many keys may hold state at once, and
+    where workers checkpoint their windows so that they outlive processes (``dir`` None = nowhere)."""
 
     key_ttl_ns: int = 3_600_000_000_000  # 0 = keys are never evicted
     max_keys: int = 1_000_000  # per daemon, split evenly across the ingests; 0 = no limit
+    dir: str | None = None
+    snapshot_interval_ns: int = 2_000_000_000
+    journal_bytes: int = 256 << 20  # per ingest: ticks handed over since each worker's last checkpoint, 32 B each
 
     def max_keys_per_ingest(self, ingests: int) -> int:
         """Each ingest's share of ``max_keys`` (rounded up); 0 = no limit."""
@@ -389,7 +393,7 @@ def _build_shutdown(raw: Mapping[str, Any]) -> ShutdownConfig:
 
 
 def _build_state(raw: Mapping[str, Any]) -> StateConfig:
-    table = _table(raw, "state", {"key_ttl", "max_keys"})
+    table = _table(raw, "state", {"key_ttl", "max_keys", "dir", "snapshot_interval", "journal_bytes"})
     default = StateConfig()
     ttl = table.get("key_ttl")
     if ttl is None:
@@ -401,9 +405,21 @@ def _build_state(raw: Mapping[str, Any]) -> StateConfig:
         if ttl_ns < MIN_KEY_TTL_NS:
             msg = f"state.key_ttl: must be at least {format_duration(MIN_KEY_TTL_NS)} (or '0' = never), got {ttl!r}"
             raise ConfigError(msg)
+    directory = table.get("dir")
+    if directory is not None and not _expect(directory, str, "state.dir", "a directory path"):
+        msg = "state.dir: empty path (leave the key out to keep no state)"
+        raise ConfigError(msg)
+    interval = table.get("snapshot_interval")
     return StateConfig(
         key_ttl_ns=ttl_ns,
         max_keys=_bounded_int(table.get("max_keys", default.max_keys), "state.max_keys", 0, MAX_KEYS),
+        dir=directory,
+        snapshot_interval_ns=default.snapshot_interval_ns
+        if interval is None
+        else parse_duration(interval, "state.snapshot_interval"),
+        journal_bytes=_bounded_int(
+            table.get("journal_bytes", default.journal_bytes), "state.journal_bytes", 1 << 20, 1 << 40
+        ),
     )
 
 

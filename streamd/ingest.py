@@ -28,6 +28,7 @@ import zmq
 from streamd.config import Config, LatencyConfig
 from streamd.control import Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.curve import secure_input
+from streamd.journal import JournalEntry, ReplayJournal
 from streamd.ledger import TickLedger
 from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
@@ -115,6 +116,9 @@ class Ingest:
         self.stopped = asyncio.Event()
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
         self.overloaded = False  # max_queue_bytes reached: input paused (pull) or shed (sub)
+        # With [state], what each worker was handed since its last checkpoint, for its replacement.
+        journal_bytes = config.state.journal_bytes // self.workers
+        self.journals = [ReplayJournal(journal_bytes) for _ in range(self.workers)] if config.state.dir else None
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
@@ -344,6 +348,8 @@ class Ingest:
             self._keep_gone(worker, batch.gone)
             return False
         self.ledger.hand_over(self.index, worker, ticks)
+        if self.journals is not None:
+            self._journal(worker, batch)
         self.metrics.batch_size.observe(ticks)
         self.metrics.batches_sent.labels(str(worker)).inc()
         return True
@@ -369,6 +375,58 @@ class Ingest:
                 self.metrics.keys.set(router.live_keys)
                 self._dispatch()
         self.sweep_handle = self.loop.call_later(sweep_interval_ns(ttl) / 1e9, self._sweep)
+
+    def _journal(self, worker: int, batch: WorkerBatch) -> None:
+        """Keep a handed-over batch until ``worker``'s checkpoint holds it (bounded: evictions are counted)."""
+        assert self.journals is not None
+        journal = self.journals[worker]
+        journal.trim(self.ledger.checkpointed(self.index, worker))
+        evicted = journal.record(JournalEntry(batch.seq_start, batch.slots, batch.t, batch.p, batch.q))
+        if evicted:
+            self.metrics.journal_evicted.inc(evicted)
+            self.limited.warning(
+                "journal_full",
+                "replay journal full (state.journal_bytes): oldest ticks evicted, not replayable if the worker dies",
+                worker=worker,
+                ticks=evicted,
+            )
+
+    def _replay(self, worker: int) -> int:
+        """Send the replacement of ``worker`` what its checkpoint lacks; return the ticks lost.
+
+        The replacement loads the checkpoint and skips what it already holds. Ticks handed over
+        and never applied that the journal no longer has are lost (``worker_lost``); if the
+        worker's queue cannot take the replay, everything not applied is written off as before.
+        """
+        assert self.journals is not None
+        journal = self.journals[worker]
+        journal.trim(self.ledger.checkpointed(self.index, worker))
+        handed, applied = self.ledger.handed(self.index, worker), self.ledger.applied(self.index, worker)
+        start = journal.start if journal.start is not None else handed
+        lost = max(0, start - applied)
+        if lost:
+            self.ledger.mark_applied(self.index, worker, start)
+        announcement = self.router.announcement(worker)
+        replayed = 0
+        for entry in journal.replay(self.config.latency.max_batch_size):
+            batch = WorkerBatch(
+                entry.slots, entry.t, entry.p, entry.q, announcement, time.time_ns(), self.index,
+                self.start.generation, self.generations[worker], entry.seq,
+            )  # fmt: skip
+            try:
+                self.outputs[worker].send_multipart(encode_batch(batch), zmq.NOBLOCK)
+            except zmq.Again:
+                self.log.error("worker queue full during replay: the rest is written off", extra={"worker": worker})
+                return lost + self.ledger.write_off(self.index, worker)
+            announcement = []
+            replayed += len(entry.t)
+        self.outboxes[worker].new_keys = announcement
+        self.metrics.replayed.inc(replayed)
+        self.log.warning(
+            "worker lost: replaying the ticks its checkpoint lacks",
+            extra={"worker": worker, "replayed_ticks": replayed, "lost_ticks": lost},
+        )
+        return lost
 
     # control ------------------------------------------------------------------------------
     def _on_control(self) -> None:
@@ -405,11 +463,14 @@ class Ingest:
         self.outputs[worker].close(0)
         self.outputs[worker] = self._open_output(worker)
         self.generations[worker] = generation
-        lost = self.ledger.write_off(self.index, worker)
+        if self.journals is not None:
+            lost = self._replay(worker)
+        else:
+            lost = self.ledger.write_off(self.index, worker)
+            self.outboxes[worker].new_keys = self.router.announcement(worker)
+            self.log.warning("worker lost, its queue was reset", extra={"worker": worker, "lost_ticks": lost})
         if lost:
             self.metrics.ticks_dropped.labels("worker_lost").inc(lost)
-        self.outboxes[worker].new_keys = self.router.announcement(worker)
-        self.log.warning("worker lost, its queue was reset", extra={"worker": worker, "lost_ticks": lost})
         self.conn.send(WorkerReset(worker, lost))
         self._dispatch()
 

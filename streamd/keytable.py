@@ -15,6 +15,7 @@ announced or released key.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from itertools import compress, repeat
 
 import numpy as np
@@ -65,6 +66,19 @@ class KeyTable:
         table[slots] = local
         np.add.at(self._refs, local, 1)
         return new
+
+    def restore(self, keys: Sequence[str | int | None]) -> None:
+        """Start from a checkpoint's keys: key ``i`` gets local index ``i`` (None: a free index).
+
+        Restored keys are mapped by no slot until an ingest announces them again (by name).
+        """
+        self.keys = np.empty(max(len(keys), 1), dtype=object)
+        self.keys[: len(keys)] = keys
+        self.count = len(keys)
+        self._index = {key: index for index, key in enumerate(keys) if key is not None}
+        self._refs = np.zeros(len(self.keys), np.int32)
+        self._free = [index for index, key in enumerate(keys) if key is None]
+        self._dying.clear()
 
     def local(self, ingest: int, generation: int, slots: Int64Array, now: float = 0.0) -> Int64Array:
         """Local key indices of an ingest's slots (``now``: a monotonic time, to age old incarnations)."""

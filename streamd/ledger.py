@@ -6,10 +6,16 @@ dead worker, while no worker is running in that slot). From them come the backlo
 reports, the ingest's flow control (a worker is idle for an ingest when it has applied all it
 was handed) and the ``worker_lost`` count when a worker dies. One more cell per ingest counts
 the ticks it has received and not handed over yet: what is lost if that ingest dies.
+
+With ``[state]``, a third array holds, per (ingest, worker), the sequence number up to which the
+worker's checkpoint on disk holds that ingest's ticks (written by the worker once the file is
+durable): the ingest trims its replay journal to it. Sequence numbers belong to one run of the
+daemon (``run_id``); a checkpoint of another run says nothing about this run's numbers.
 """
 
 from __future__ import annotations
 
+import uuid
 from multiprocessing.context import SpawnContext
 from typing import Any
 
@@ -23,6 +29,8 @@ class TickLedger:
         self._handed: Any = mp.Array("q", ingests * workers, lock=False)
         self._applied: Any = mp.Array("q", ingests * workers, lock=False)
         self._buffered: Any = mp.Array("q", ingests, lock=False)
+        self._checkpointed: Any = mp.Array("q", ingests * workers, lock=False)
+        self.run_id = uuid.uuid4().hex
 
     def _cell(self, ingest: int, worker: int) -> int:
         return ingest * self.workers + worker
@@ -40,6 +48,13 @@ class TickLedger:
     def mark_applied(self, ingest: int, worker: int, upto: int) -> None:
         """The worker has applied every tick of ``ingest`` before sequence number ``upto``."""
         self._applied[self._cell(ingest, worker)] = upto
+
+    def checkpointed(self, ingest: int, worker: int) -> int:
+        """``worker``'s checkpoint on disk holds every tick of ``ingest`` before this sequence number."""
+        return int(self._checkpointed[self._cell(ingest, worker)])
+
+    def mark_checkpointed(self, ingest: int, worker: int, upto: int) -> None:
+        self._checkpointed[self._cell(ingest, worker)] = upto
 
     def in_flight(self, ingest: int, worker: int) -> int:
         cell = self._cell(ingest, worker)

@@ -88,6 +88,17 @@ class IngestMetrics:
             "Times ingest.max_queue_bytes was reached: input paused (pull mode) or shed (sub mode).",
             registry=registry,
         )
+        self.journal_evicted = Counter(
+            "streamd_journal_evicted_ticks_total",
+            "Ticks evicted from a replay journal (state.journal_bytes) before a checkpoint held them: "
+            "not replayable if their worker dies before its next checkpoint.",
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "streamd_journal_replayed_ticks_total",
+            "Ticks replayed from the journal to a replaced worker.",
+            registry=registry,
+        )
 
 
 class WorkerMetrics:
@@ -155,6 +166,27 @@ class WorkerMetrics:
             "Bytes of window state held.",
             ["worker"],
             multiprocess_mode="livesum",
+            registry=registry,
+        ).labels(label)
+        self.checkpoints = Counter(
+            "streamd_checkpoints_total", "Checkpoints written, by result.", ["result"], registry=registry
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamd_checkpoint_seconds",
+            "Encoding and writing one checkpoint (background thread), fsync included.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_pause = Histogram(
+            "streamd_checkpoint_pause_seconds",
+            "What a checkpoint costs the worker's loop: copying the state.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.replayed_quietly = Counter(
+            "streamd_worker_replayed_ticks_total",
+            "Replayed ticks a dead predecessor had already applied: applied again, not counted or published.",
+            ["worker"],
             registry=registry,
         ).labels(label)
 

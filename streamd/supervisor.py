@@ -381,6 +381,11 @@ class Supervisor:
             "security": new.security,
         }
         changed = [name for name, value in fixed.items() if getattr(self.config, name) != value]
+        running = self.config.state
+        store = replace(new.state, dir=running.dir, snapshot_interval_ns=running.snapshot_interval_ns)
+        store = replace(store, journal_bytes=running.journal_bytes)
+        if store != new.state:
+            changed.append("state.dir/snapshot_interval/journal_bytes")
         if changed:
             self.log.warning(
                 "these sections need a restart to change; kept as running", extra={"sections": ",".join(changed)}
@@ -392,6 +397,7 @@ class Supervisor:
             metrics=self.config.metrics,
             workers=self.config.workers,
             security=self.config.security,
+            state=store,
         )
         apply_log_config(self.config.log)
         if self.forwarder.curve is not None:

@@ -118,6 +118,30 @@ class SignalResult(NamedTuple):
     stats: dict[str, F64]
 
 
+# Bump when what :meth:`Engine.export_state` writes changes shape or meaning: a checkpoint of
+# another layout is never loaded (its signals start empty, with a log line).
+STATE_LAYOUT = 1
+
+
+class SignalState(NamedTuple):
+    """One signal's state detached from the engine (copies): what a checkpoint holds.
+
+    ``needs`` are the sums and extremes the state keeps (a superset of what ``spec`` needs
+    after a reload added stats); ``arrays`` are its tables, per key row or per pooled tick.
+    """
+
+    spec: SignalSpec
+    needs: tuple[str, ...]
+    arrays: dict[str, NDArray[Any]]
+
+
+class EngineState(NamedTuple):
+    """Every signal's state plus each key's newest accepted time, rows indexed by local key."""
+
+    last_t: I64
+    signals: tuple[SignalState, ...]
+
+
 class _Batch(NamedTuple):
     """Accepted ticks of one batch, grouped by key (ascending), arrival order within a key."""
 
@@ -400,6 +424,58 @@ class _RingWindowState:
         _rows(self.ints)[keys] = _INT_FILL_ROW
         _rows(self.floats)[keys] = _FLOAT_FILL_ROW
         self._maybe_compact()
+
+    def export(self) -> tuple[tuple[str, ...], dict[str, NDArray[Any]]]:
+        """Copies of the per-key tables and of the used part of the pool (a memcpy each)."""
+        used = self.pool.used
+        arrays = {"ints": self.ints.copy(), "floats": self.floats.copy()}
+        for name, column in self.pool.columns.items():
+            arrays[f"pool.{name}"] = column[:used].copy()
+        return tuple(sorted(self.needs)), arrays
+
+    def adopt(
+        self, spec: SignalSpec, needs: Sequence[str], parts: Sequence[tuple[dict[str, NDArray[Any]], I64]]
+    ) -> None:
+        """Become the concatenation of ``rows`` of each exported part (a fresh state only).
+
+        Row ``rows[i]`` of a part becomes row ``offset + i``; a row beyond a part's tables is a
+        never-seen key. Rings keep their sequence numbers and are re-laid contiguously, as by a
+        compaction, so further batches give exactly what the exporting engines would have.
+        """
+        self.needs = set(needs)
+        self.sums = tuple(name for name in _SUM_NAMES if name in self.needs)
+        self.sum_kinds = np.array([_SUM_NAMES.index(name) for name in self.sums], np.int64)
+        names = [name for name in parts[0][0] if name.startswith("pool.")]
+        total = sum(rows.size for _, rows in parts)
+        ints, floats = np.tile(_INT_FILL, (total, 1)), np.tile(_FLOAT_FILL, (total, 1))
+        bases = np.cumsum([0] + [rows.size for _, rows in parts]).tolist()
+        for (arrays, rows), base in zip(parts, bases, strict=False):
+            if arrays["ints"].shape[1:] != _INT_FILL.shape or arrays["floats"].shape[1:] != _FLOAT_FILL.shape:
+                msg = "per-key tables of another width"
+                raise ValueError(msg)
+            known = (rows < arrays["ints"].shape[0]).nonzero()[0]
+            ints[base + known] = arrays["ints"][rows[known]]
+            floats[base + known] = arrays["floats"][rows[known]]
+        held = (ints[:, _CAP] > 0).nonzero()[0]
+        lengths = ints[held, _END] - ints[held, _HEAD]
+        new_cap = _next_pow2(lengths + lengths // 4 + 1)
+        used = int(np.add.reduce(new_cap))
+        self.pool = _TickPool({name[5:]: parts[0][0][name].dtype for name in names})
+        self.pool.reserve(used + used // 4)
+        self.pool.used, self.live = used, int(np.add.reduce(lengths))
+        new_off = new_cap.cumsum() - new_cap
+        for (arrays, _), lo_row, hi_row in zip(parts, bases[:-1], bases[1:], strict=True):
+            mine = ((held >= lo_row) & (held < hi_row) & (lengths > 0)).nonzero()[0]
+            if mine.size == 0:
+                continue
+            rows, lo, length = held[mine], ints[held[mine], _HEAD], lengths[mine]
+            source, _, _ = _ring_positions(ints[rows, _OFF], ints[rows, _CAP] - 1, lo, length)
+            target, _, _ = _ring_positions(new_off[mine], new_cap[mine] - 1, lo, length)
+            for name in names:
+                self.pool.columns[name[5:]][target] = arrays[name][source]
+        ints[held, _OFF], ints[held, _CAP] = new_off, new_cap
+        self.ints, self.floats = ints, floats
+        self.require(spec)
 
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
         """Append the batch, slide each touched key's window to its newest tick, return ``wanted``."""
@@ -756,6 +832,26 @@ class _EwmaState:
         self.num[keys] = self.den[keys] = 0.0
         self.t_last[keys] = 0
 
+    def export(self) -> tuple[tuple[str, ...], dict[str, NDArray[Any]]]:
+        return (), {"num": self.num.copy(), "den": self.den.copy(), "t_last": self.t_last.copy()}
+
+    def adopt(
+        self, spec: SignalSpec, needs: Sequence[str], parts: Sequence[tuple[dict[str, NDArray[Any]], I64]]
+    ) -> None:
+        """Become the concatenation of ``rows`` of each exported part (rows beyond a part: never seen)."""
+        gathered = {}
+        for name in ("num", "den", "t_last"):
+            pieces = []
+            for arrays, rows in parts:
+                column = arrays[name]
+                piece = np.zeros(rows.size, column.dtype)
+                known = (rows < column.size).nonzero()[0]
+                piece[known] = column[rows[known]]
+                pieces.append(piece)
+            gathered[name] = np.concatenate(pieces) if pieces else np.zeros(0)
+        self.num, self.den = gathered["num"].astype(np.float64), gathered["den"].astype(np.float64)
+        self.t_last = gathered["t_last"].astype(np.int64)
+
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:
         """Decay each touched key's sums to its newest tick and add the batch's ticks."""
         keys, newest = batch.keys, batch.t_last
@@ -798,6 +894,21 @@ def _new_state(spec: SignalSpec) -> _State:
         msg = f"signal {spec.name!r}: {', '.join(unknown)} not a {spec.window}-window stat"
         raise ValueError(msg)
     return _EwmaState(spec) if spec.window == "ewma" else _RingWindowState(spec)
+
+
+def _restore_problem(spec: SignalSpec, found: Sequence[SignalState | None]) -> str | None:
+    """Why exported states cannot restore ``spec`` (None when they can)."""
+    if not found:
+        return "nothing to restore"
+    first = found[0]
+    for state in found:
+        if state is None:
+            return "not in the checkpoint"
+        if not spec.same_window(state.spec):
+            return f"window changed (checkpoint: {state.spec.window} {state.spec.size}, now: {spec.window} {spec.size})"
+        if first is not None and state.needs != first.needs:
+            return "checkpoints of different stats"
+    return None
 
 
 def _running_max_before(t: I64, new_group: NDArray[np.bool_]) -> I64:
@@ -902,6 +1013,47 @@ class Engine:
         self._last_t[keys] = position
         kept = self._last_t[keys] == position
         return keys[kept], newest[kept]
+
+    def export_state(self) -> EngineState:
+        """A copy of all state (memcpy of each table and of each pool's used part)."""
+        signals = tuple(
+            SignalState(spec, *state.export()) for spec, state in zip(self._specs, self._states, strict=True)
+        )
+        return EngineState(self._last_t.copy(), signals)
+
+    def restore(self, parts: Sequence[tuple[EngineState, I64]]) -> dict[str, str]:
+        """Replace all state by the given rows of exported states: ``rows[i]`` of the first part
+        becomes key ``i``, the second part's rows follow, and so on (one part restores a worker,
+        several re-shard the keys of several workers into one).
+
+        A signal is restored when every part holds a signal of its name with the same window;
+        otherwise it starts empty. Returns, per signal that starts empty, why. Further batches
+        give exactly the results the exporting engines would have given (kernel or NumPy path).
+        """
+        total = sum(rows.size for _, rows in parts)
+        last_t = np.full(total, _I64_MIN, np.int64)
+        base = 0
+        for state, rows in parts:
+            known = (rows < state.last_t.size).nonzero()[0]
+            last_t[base + known] = state.last_t[rows[known]]
+            base += rows.size
+        self._last_t, self._held = last_t, int(np.count_nonzero(last_t != _I64_MIN))
+        empty: dict[str, str] = {}
+        for index, spec in enumerate(self._specs):
+            fresh = _new_state(spec)
+            found = [next((s for s in state.signals if s.spec.name == spec.name), None) for state, _ in parts]
+            problem = _restore_problem(spec, found)
+            if problem is None:
+                try:
+                    needs = found[0].needs if found[0] is not None else ()
+                    fresh.adopt(spec, needs, [(s.arrays, rows) for s, (_, rows) in zip(found, parts, strict=True) if s])
+                except (ValueError, KeyError, IndexError) as exc:
+                    problem = f"unreadable state ({exc})"
+                    fresh = _new_state(spec)
+            if problem is not None:
+                empty[spec.name] = problem
+            self._states[index] = fresh
+        return empty
 
     def memory_bytes(self) -> int:
         """Bytes held by all NumPy state."""

@@ -10,22 +10,27 @@ heard from, which is how an ingest knows the worker is free for its next batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
+from streamd.checkpoint import Checkpoint
 from streamd.config import Config, SignalSpec
 from streamd.control import Failed, Ready, Reload, Stop
+from streamd.journal import ReplayFilter
 from streamd.keytable import KeyTable
 from streamd.ledger import TickLedger
-from streamd.logs import apply_log_config, setup_logging
+from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
+from streamd.persistence import CheckpointWriter, Restored, Written, checkpoint_path, iso, load_for_worker
 from streamd.records import encode_batch_record, encode_record_payloads, record_heads, topics_for
 from streamd.runtime import RuntimePaths, die_with_parent, name_process
 from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
@@ -203,6 +208,12 @@ class Worker:
         self.table = KeyTable()
         self.ended: set[int] = set()
         self.next_retire = 0.0
+        self.limited = RateLimiter(self.log, config.log.rate_limit_per_s)
+        self.replay = ReplayFilter([0] * self.ingests, [0] * self.ingests)
+        self.writer: CheckpointWriter | None = None
+        self.last_checkpoint = time.monotonic()
+        self.dirty = False  # batches applied since the last checkpoint
+        self.newest_event_ns = 0
         self.running = True
         self.orphaned = False  # the supervisor died: nobody reads our signals any more
 
@@ -224,6 +235,7 @@ class Worker:
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]
+        self._restore()
         engine = "c-kernel" if KERNEL is not None else "numpy (the C kernel is not built: see docs/deploy.md)"
         self.log.info(
             "worker started", extra={"worker": self.index, "signals": len(self.config.signals), "engine": engine}
@@ -240,6 +252,7 @@ class Worker:
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
             self._retire_replaced_ingests()
+            self._maybe_checkpoint()
             self._on_control()
 
     def _poll_timeout_ms(self) -> int:
@@ -286,21 +299,57 @@ class Worker:
         if not batches:
             return
         started = time.perf_counter()
-        table = self.table
-        columns = []
-        for b in batches:
-            table.learn(b.ingest, b.ingest_generation, b.new_keys)
-            columns.append((table.local(b.ingest, b.ingest_generation, b.slots, started), b.t, b.p, b.q))
-            table.forget(b.ingest, b.ingest_generation, b.gone)
-        slots, t, p, q = (np.concatenate(cols) if len(batches) > 1 else cols[0] for cols in zip(*columns, strict=True))
-        results, late = self.engine.process(slots, t, p, q)
-        for publisher, result in zip(self.publishers, results, strict=True):
-            publisher.publish(result, table.keys)
-        self._evict(table.take_dying())
+        sorted_ = self.replay.sort(self._to_local(batches, started))
+        if sorted_.missing:
+            self.limited.warning(
+                "replay_gap", "ticks missing from the replay: these windows lack them", ticks=sorted_.missing
+            )
+        if sorted_.quiet:
+            self._apply_quietly(sorted_.quiet)
+        self.dirty = True
+        if sorted_.new:
+            slots, t, p, q = self._columns(sorted_.new)
+            results, late = self.engine.process(slots, t, p, q)
+            for publisher, result in zip(self.publishers, results, strict=True):
+                publisher.publish(result, self.table.keys)
+        self._evict(self.table.take_dying())
+        if not sorted_.new:
+            self._settle(batches, 0, 0)
+            return
         now = time.time_ns()
-        if len(t):
-            self._record(batches, now, int(t.max()), started)
+        newest = int(t.max()) if len(t) else now
+        self.newest_event_ns = max(self.newest_event_ns, newest)
+        self._record(sorted_.new, now, newest, started)
         self._settle(batches, len(t), late)
+
+    def _to_local(self, batches: list[WorkerBatch], now: float) -> list[WorkerBatch]:
+        """The batches with ingest slots replaced by local key indices.
+
+        Per batch: its new keys are mapped before its ticks, its gone slots unmapped after them,
+        so a slot the ingest reuses in a later batch of the same drain is never confused.
+        """
+        table, local = self.table, []
+        for batch in batches:
+            table.learn(batch.ingest, batch.ingest_generation, batch.new_keys)
+            slots = table.local(batch.ingest, batch.ingest_generation, batch.slots, now)
+            table.forget(batch.ingest, batch.ingest_generation, batch.gone)
+            local.append(dataclasses.replace(batch, slots=slots))
+        return local
+
+    def _columns(self, batches: list[WorkerBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Local key indices and tick columns of ``batches`` (already local), concatenated in arrival order."""
+        slots, t, p, q = (
+            np.concatenate(cols) if len(batches) > 1 else cols[0]
+            for cols in zip(*((b.slots, b.t, b.p, b.q) for b in batches), strict=True)
+        )
+        return slots, t, p, q
+
+    def _apply_quietly(self, batches: list[WorkerBatch]) -> None:
+        """Replayed ticks a dead predecessor had applied, counted and published: rebuild the windows only."""
+        slots, t, p, q = self._columns(batches)
+        self.engine.process(slots, t, p, q)
+        self.newest_event_ns = max(self.newest_event_ns, int(t.max()))
+        self.metrics.replayed_quietly.inc(len(t))
 
     def _evict(self, indices: np.ndarray) -> None:
         """Drop every trace of keys no ingest routes any more; their indices become free for new keys."""
@@ -332,11 +381,11 @@ class Worker:
         self.metrics.ticks_processed.inc(ticks - late)
         if late:
             self.metrics.ticks_dropped.labels("late").inc(late)
-        newest = {batch.ingest: batch.seq_start + len(batch.t) for batch in batches}
-        for ingest, upto in newest.items():
-            self.ledger.mark_applied(ingest, self.index, upto)
+        ingests = {batch.ingest for batch in batches}
+        for ingest in ingests:
+            self.ledger.mark_applied(ingest, self.index, self.replay.applied(ingest))
         ack = encode_ack(self.index, self.generation)
-        for ingest in newest:
+        for ingest in ingests:
             with contextlib.suppress(zmq.Again):
                 self.acks[ingest].send(ack, zmq.NOBLOCK)
 
@@ -360,9 +409,104 @@ class Worker:
         self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in config.signals]
         self.log.info("signals reconfigured", extra={"worker": self.index, "signals": len(config.signals)})
 
+    # state that outlives the process ------------------------------------------------------
+    def _restore(self) -> None:
+        """Resume from ``state.dir``: windows from the checkpoint(s), and where each ingest's replay starts.
+
+        Ticks a dead predecessor applied (the ledger's ``applied``) are replayed quietly. Without
+        ``[state]`` nothing is replayed: the ledger's counts are where this worker starts.
+        """
+        applied = [self.ledger.applied(ingest, self.index) for ingest in range(self.ingests)]
+        directory = self.config.state.dir
+        if directory is None:
+            self.replay = ReplayFilter(applied, applied)
+            return
+        self.writer = CheckpointWriter(self._on_checkpoint_written, self._on_checkpoint_failed)
+        workers = self.config.workers.resolved_count()
+        restored = load_for_worker(directory, self.index, workers, self.ledger.run_id, self.log)
+        resume = [0] * self.ingests
+        if restored is not None:
+            self._adopt(restored)
+            if restored.applied is not None and len(restored.applied) == self.ingests:
+                resume = list(restored.applied)
+        self.replay = ReplayFilter(resume, applied)
+
+    def _adopt(self, restored: Restored) -> None:
+        self.table.restore(restored.keys)
+        for name, reason in self.engine.restore(restored.parts).items():
+            self.log.warning(
+                "signal starts empty: its checkpointed state does not fit",
+                extra={"worker": self.index, "signal": name, "reason": reason},
+            )
+        newest = restored.newest
+        self.newest_event_ns = max(source.newest_event_ns for source in restored.sources)
+        now = time.time_ns()
+        self.log.info(
+            "windows restored from checkpoint",
+            extra={
+                "worker": self.index,
+                "keys": len(restored.keys),
+                "files": len(restored.sources),
+                "written": iso(newest.wall_ns),
+                "age_s": round((now - newest.wall_ns) / 1e9, 3),
+            },
+        )
+        if restored.applied is None and not all(source.final for source in restored.sources):
+            self.log.warning(
+                "the previous run stopped without a final checkpoint: what it received after the checkpoint is lost",
+                extra={
+                    "worker": self.index,
+                    "lost_from": iso(newest.wall_ns),
+                    "lost_until": iso(now),
+                    "newest_event_kept": iso(self.newest_event_ns) if self.newest_event_ns else "none",
+                },
+            )
+
+    def _maybe_checkpoint(self, *, final: bool = False) -> None:
+        """Every ``state.snapshot_interval`` (if anything changed), copy the state and write it in the background."""
+        if self.writer is None or self.config.state.dir is None:
+            return
+        now = time.monotonic()
+        due = self.dirty and now - self.last_checkpoint >= self.config.state.snapshot_interval_ns / 1e9
+        if not final and (not due or self.writer.busy):
+            return
+        started = time.perf_counter()
+        checkpoint = Checkpoint(
+            worker=self.index,
+            workers=self.config.workers.resolved_count(),
+            run_id=self.ledger.run_id,
+            applied=tuple(self.replay.next_seq),
+            wall_ns=time.time_ns(),
+            newest_event_ns=self.newest_event_ns,
+            final=final,
+            keys=tuple(self.table.keys[: self.table.count]),
+            state=self.engine.export_state(),
+        )
+        self.metrics.checkpoint_pause.observe(time.perf_counter() - started)
+        self.last_checkpoint, self.dirty = now, False
+        path = checkpoint_path(self.config.state.dir, checkpoint.worker, checkpoint.workers)
+        if final:
+            self.writer.wait()
+            self.writer.write(path, checkpoint)
+        else:
+            self.writer.submit(path, checkpoint)
+
+    def _on_checkpoint_written(self, written: Written) -> None:
+        """(Writer thread.) The file is durable: each ingest may forget what it holds."""
+        for ingest, upto in enumerate(written.checkpoint.applied):
+            self.ledger.mark_checkpointed(ingest, self.index, upto)
+        self.metrics.checkpoints.labels("written").inc()
+        self.metrics.checkpoint_seconds.observe(written.seconds)
+
+    def _on_checkpoint_failed(self, path: Path, error: OSError) -> None:
+        self.metrics.checkpoints.labels("failed").inc()
+        self.limited.warning("checkpoint_failed", "checkpoint not written", path=str(path), error=str(error))
+
     def shutdown(self) -> None:
         for publisher in self.publishers:
             publisher.flush_due(self.table.keys, everything=True)
+        if not self.orphaned:
+            self._maybe_checkpoint(final=True)
         self.pull.close(0)
         for sock in self.acks:
             sock.close(0)
