@@ -395,7 +395,13 @@ class Supervisor:
             self.log.error("config reload rejected, keeping the running config", extra={"error": str(exc)})
             self.notifier.ready()
             return
-        fixed = {"ingest": new.ingest, "publish": new.publish, "metrics": new.metrics, "workers": new.workers}
+        fixed = {
+            "ingest": new.ingest,
+            "publish": new.publish,
+            "metrics": new.metrics,
+            "workers": new.workers,
+            "cluster": new.cluster,
+        }
         changed = [name for name, value in fixed.items() if getattr(self.config, name) != value]
         if changed:
             self.log.warning(
@@ -407,6 +413,7 @@ class Supervisor:
             publish=self.config.publish,
             metrics=self.config.metrics,
             workers=self.config.workers,
+            cluster=self.config.cluster,
         )
         apply_log_config(self.config.log)
         for child in self._children():
