@@ -228,6 +228,9 @@ class ClusterReader(Ingest):
         while self.ledger.held(self.index) * _BYTES_PER_TICK >= limit:
             await asyncio.sleep(0.01)
 
+    def _check_overload(self) -> None:
+        """Nothing to pause here: :meth:`_room_for_more` holds the readers back instead."""
+
     def _on_stall(self, seconds: float) -> None:
         self.cluster_metrics.reader_stalls.inc()
         self.cluster_metrics.reader_stalled.inc(seconds)
