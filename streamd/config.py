@@ -186,6 +186,7 @@ class ClusterConfig:
     replicas: int = 3
     name: str = field(default_factory=default_instance_name)
     lease_ttl_ns: int = 3_000_000_000
+    replay_horizon_ns: int = 60_000_000_000  # replay at least this far back on takeover (count windows rely on it)
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,7 @@ def _build_state(raw: Mapping[str, Any]) -> StateConfig:
 def _build_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
     if "cluster" not in raw:
         return None
-    table = _table(raw, "cluster", {"servers", "partitions", "replicas", "name", "lease_ttl"})
+    table = _table(raw, "cluster", {"servers", "partitions", "replicas", "name", "lease_ttl", "replay_horizon"})
     if "servers" not in table:
         msg = "cluster.servers: required (the NATS servers, e.g. ['nats://10.0.0.1:4222'])"
         raise ConfigError(msg)
@@ -453,6 +454,9 @@ def _build_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
         replicas=_bounded_int(table.get("replicas", default.replicas), "cluster.replicas", 1, MAX_REPLICAS),
         name=name,
         lease_ttl_ns=ttl,
+        replay_horizon_ns=default.replay_horizon_ns
+        if "replay_horizon" not in table
+        else parse_duration(table["replay_horizon"], "cluster.replay_horizon"),
     )
 
 

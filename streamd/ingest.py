@@ -25,6 +25,7 @@ import numpy as np
 import uvloop
 import zmq
 
+from streamd.clusterfeed import ClusterFeed
 from streamd.config import Config, LatencyConfig
 from streamd.control import Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.curve import secure_input
@@ -99,7 +100,7 @@ class Ingest:
         index = start.index
         self.index = index
         self.start = start
-        self.endpoint = config.ingest.endpoints[index]
+        self.endpoint = config.ingest.endpoints[index] if index < len(config.ingest.endpoints) else "jetstream"
         self.config = config
         self.paths = paths
         self.ledger = ledger
@@ -119,6 +120,19 @@ class Ingest:
         # With [state], what each worker was handed since its last checkpoint, for its replacement.
         journal_bytes = config.state.journal_bytes // self.workers
         self.journals = [ReplayJournal(journal_bytes) for _ in range(self.workers)] if config.state.dir else None
+        self.cluster_feed: ClusterFeed | None = None  # [cluster]: ticks go to JetStream, not to workers
+
+    async def start_cluster_feed(self) -> None:
+        """With ``[cluster]``, connect to JetStream before serving; a cluster out of reach is a start-up error."""
+        if self.config.cluster is None:
+            return
+        name = f"{self.config.cluster.name}-ingest{self.index}-g{self.start.generation}"
+        self.cluster_feed = ClusterFeed(self.config, name, self.metrics, self.limited)
+        try:
+            await self.cluster_feed.start()
+        except Exception as exc:  # whatever fails here, the ingest cannot publish
+            msg = f"cluster.servers: cannot reach JetStream at {', '.join(self.config.cluster.servers)}: {exc!r}"
+            raise StartupError(msg) from None
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
@@ -203,7 +217,8 @@ class Ingest:
 
     def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
         self.router.epoch = time.monotonic_ns() // EPOCH_NS
-        decoded = decode_payloads(payloads, self.router.codes)
+        feed = self.cluster_feed
+        decoded = decode_payloads(payloads, self.router.codes if feed is None else feed.partition_of)
         metrics = self.metrics
         metrics.messages_received.inc(len(payloads))
         metrics.bytes_received.inc(size)
@@ -217,6 +232,8 @@ class Ingest:
         if decoded.keys and self.overloaded:
             metrics.ticks_dropped.labels("overload").inc(len(decoded.keys))
             self.limited.warning("overload", "over ingest.max_queue_bytes, input shed", ticks=len(decoded.keys))
+        elif decoded.keys and feed is not None:
+            feed.accept(decoded)
         elif decoded.keys:
             self._route(decoded, recv_ns)
 
@@ -514,8 +531,11 @@ class Ingest:
 
 
 async def _run(ingest: Ingest) -> None:
+    await ingest.start_cluster_feed()
     ingest.startup()
     await ingest.serve()
+    if ingest.cluster_feed is not None:
+        await ingest.cluster_feed.close(0 if ingest.orphaned else ingest.config.shutdown.graceful_timeout_ns / 2e9)
 
 
 @dataclass(frozen=True)

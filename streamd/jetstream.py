@@ -24,7 +24,7 @@ import contextlib
 import datetime
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -147,13 +147,15 @@ class PartitionPublisher:
         buffer_batches: int = 1000,
         publish_timeout: float = 30.0,
         epoch: int | None = None,
+        on_outcome: Callable[[int, int, Published | None], None] | None = None,
     ) -> None:
         self.js = js
+        self.on_outcome = on_outcome  # (partition, ticks, result or None when given up) after each batch
         self.prefix = f"{instance}.{epoch if epoch is not None else time.time_ns()}"
         self.buffer_batches = buffer_batches
         self.publish_timeout = publish_timeout
         self.stats = PublisherStats()
-        self._buffers: list[deque[tuple[str, bytes]]] = [deque() for _ in range(partitions)]
+        self._buffers: list[deque[tuple[str, bytes, int]]] = [deque() for _ in range(partitions)]
         self._counters = [0] * partitions
         self._wakeups = [asyncio.Event() for _ in range(partitions)]
         self._idle = [asyncio.Event() for _ in range(partitions)]
@@ -164,20 +166,28 @@ class PartitionPublisher:
             event.set()
         self._tasks = [asyncio.create_task(self._drain(p)) for p in range(len(self._buffers))]
 
-    def submit(self, partition: int, payload: bytes) -> bool:
-        """Queue a batch without waiting; False (and counted) when the partition's buffer is full."""
+    def submit(self, partition: int, payload: bytes, ticks: int = 0) -> bool:
+        """Queue a batch of ``ticks`` ticks without waiting; False (and counted) when the partition's buffer is full."""
         buffer = self._buffers[partition]
         if len(buffer) >= self.buffer_batches:
             self.stats.dropped += 1
             return False
         self._counters[partition] += 1
-        buffer.append((f"{self.prefix}.{partition}.{self._counters[partition]}", payload))
+        buffer.append((f"{self.prefix}.{partition}.{self._counters[partition]}", payload, ticks))
         self._idle[partition].clear()
         self._wakeups[partition].set()
         return True
 
     def buffered(self) -> int:
         return sum(map(len, self._buffers))
+
+    def buffered_ticks(self) -> int:
+        """Ticks of every batch queued or in flight (as given to :meth:`submit`)."""
+        return sum(ticks for buffer in self._buffers for _, _, ticks in buffer)
+
+    def idle(self, partition: int) -> bool:
+        """Nothing queued or in flight for ``partition``: a new batch would be published at once."""
+        return self._idle[partition].is_set()
 
     async def flush(self) -> None:
         """Wait until every buffer is empty and nothing is in flight."""
@@ -197,7 +207,8 @@ class PartitionPublisher:
                 self._wakeups[partition].clear()
                 await self._wakeups[partition].wait()
                 continue
-            msg_id, payload = buffer[0]
+            msg_id, payload, ticks = buffer[0]
+            result: Published | None = None
             try:
                 result = await publish_idempotent(self.js, subject, payload, msg_id, self.publish_timeout)
             except PublishTimeoutError:
@@ -205,6 +216,10 @@ class PartitionPublisher:
             else:
                 self._count(result)
             buffer.popleft()
+            if not buffer:
+                self._idle[partition].set()
+            if self.on_outcome is not None:
+                self.on_outcome(partition, ticks, result)
 
     def _count(self, result: Published) -> None:
         stats = self.stats
@@ -315,7 +330,7 @@ class OrderedReader:
     async def close(self) -> None:
         await self._close()
 
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
+    async def __aiter__(self) -> AsyncGenerator[Delivery, None]:
         await self._open()
         try:
             while True:

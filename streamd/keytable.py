@@ -80,6 +80,10 @@ class KeyTable:
         self._free = [index for index, key in enumerate(keys) if key is None]
         self._dying.clear()
 
+    def indices(self, keys: Sequence[str | int]) -> Int64Array:
+        """Local indices of known keys."""
+        return np.fromiter(map(self._index.__getitem__, keys), np.int64, len(keys))
+
     def local(self, ingest: int, generation: int, slots: Int64Array, now: float = 0.0) -> Int64Array:
         """Local key indices of an ingest's slots (``now``: a monotonic time, to age old incarnations)."""
         self._used[ingest, generation] = now

@@ -208,6 +208,77 @@ class AuthMetrics:
         )
 
 
+class ClusterFeedMetrics:
+    """Samples written by an ingest in cluster mode: what it published to JetStream, and how fast."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.published = Counter(
+            "streamd_ticks_published_to_cluster_total",
+            "Ticks this instance's ingest published to JetStream (acknowledged).",
+            registry=registry,
+        )
+        self.publish_latency = Histogram(
+            "streamd_cluster_publish_seconds",
+            "JetStream publish of one partition batch, first attempt to acknowledgement.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stalls = Counter(
+            "streamd_cluster_publish_stalls_total",
+            "Partition batches that needed more than one publish attempt (e.g. a stream leader election).",
+            registry=registry,
+        )
+        self.stalled = Counter(
+            "streamd_cluster_publish_stalled_seconds_total",
+            "Time those stalled batches took to be acknowledged.",
+            registry=registry,
+        )
+
+
+class ClusterMetrics:
+    """Samples written by the cluster process: ownership, reading and replay."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.owned = Gauge(
+            "streamd_cluster_partitions_owned",
+            "Partitions this instance holds a lease on.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.replaying = Gauge(
+            "streamd_cluster_partitions_replaying",
+            "Owned partitions still replaying (windows being rebuilt, nothing published yet).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.lease_changes = Counter(
+            "streamd_cluster_lease_changes_total",
+            "Lease events of this instance: acquired, released, lost.",
+            ["kind"],
+            registry=registry,
+        )
+        self.read = Counter(
+            "streamd_cluster_ticks_read_total",
+            "Ticks read from JetStream and handed to the workers, by phase (replay or live).",
+            ["phase"],
+            registry=registry,
+        )
+        self.replay_seconds = Histogram(
+            "streamd_cluster_replay_seconds",
+            "Takeover: from acquiring a partition's lease to publishing it (replay done).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.reader_stalls = Counter(
+            "streamd_cluster_reader_stalls_total",
+            "Times a partition reader heard nothing for two heartbeats and recreated its consumer.",
+            registry=registry,
+        )
+        self.reader_stalled = Counter(
+            "streamd_cluster_reader_stalled_seconds_total", "Silence before those recreations.", registry=registry
+        )
+
+
 @dataclass
 class ProcessInfo:
     role: str

@@ -5,6 +5,8 @@ Record mode (the default): one two-frame message per signal per key touched,
 Batch mode: one two-frame message per signal per worker batch,
 ``[b"{signal}", msgpack {"signal", "pub_ns", "k": [...], "t": [...], <stat>: [...]}]``.
 Undefined statistics (NaN inside the engine) are msgpack nil; ``count`` is an integer.
+In cluster mode every record also carries ``part`` (its key's partition) and ``fence`` (the
+fencing token of the ownership term that computed it), both integers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+INTEGER_FIELDS = frozenset({"count", "part", "fence"})  # carried as float64 columns, sent as integers
+
 
 def topic_for(signal: str, key: str | int) -> bytes:
     """The record topic ``{signal}.{key}``: subscribe to ``{signal}.`` or ``{signal}.{key}``."""
@@ -24,7 +28,7 @@ def topic_for(signal: str, key: str | int) -> bytes:
 
 def stat_values(name: str, column: np.ndarray) -> list[Any]:
     """A stat column as Python values with NaN turned into None (msgpack nil)."""
-    if name == "count":
+    if name in INTEGER_FIELDS:
         counts: list[Any] = column.astype(np.int64).tolist()
         return counts
     undefined = np.isnan(column)
@@ -76,7 +80,7 @@ def _fixed_tail_dtype(names: tuple[str, ...]) -> np.dtype:
         fields += [
             (f"n{i}", f"S{len(msgpack.packb(name))}"),
             (f"g{i}", "u1"),
-            (f"v{i}", ">u8" if name == "count" else ">f8"),
+            (f"v{i}", ">u8" if name in INTEGER_FIELDS else ">f8"),
         ]
     return np.dtype(fields)
 
@@ -119,7 +123,7 @@ def encode_record_payloads(
         column = stats[name]
         undefined |= np.isnan(column)
         tail[f"n{i}"] = msgpack.packb(name)
-        if name == "count":
+        if name in INTEGER_FIELDS:
             tail[f"g{i}"], tail[f"v{i}"] = 0xCF, np.nan_to_num(column).astype(np.uint64)
         else:
             tail[f"g{i}"], tail[f"v{i}"] = 0xCB, column

@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 
 from streamd import __version__
 from streamd.children import ChildProcess, RestartPolicy
+from streamd.cluster import cluster_main
 from streamd.config import Config, ConfigError, load_config
 from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.curve import secure_publish
@@ -118,8 +119,11 @@ class Supervisor:
         self.mp = multiprocessing.get_context("spawn")
         self.n_ingests = len(config.ingest.endpoints)
         self.n_workers = config.workers.resolved_count()
-        self.ledger = TickLedger(self.n_ingests, self.n_workers, self.mp)
+        self.n_sources = self.n_ingests + (config.cluster is not None)  # the cluster process feeds workers too
+        self.ledger = TickLedger(self.n_sources, self.n_workers, self.mp)
         self.ingests: list[ChildProcess] = []
+        self.cluster: ChildProcess | None = None
+        self.cluster_generation = 0
         self.workers: list[ChildProcess] = []
         self.generations = [0] * self.n_workers
         self.ingest_generations = [0] * self.n_ingests
@@ -158,6 +162,8 @@ class Supervisor:
             raise
         self.forwarder.start()
         self.ingests = [self._start_ingest(i) for i in range(self.n_ingests)]
+        if self.config.cluster is not None:
+            self.cluster = self._start_cluster()
         self.workers = [self._start_worker(w) for w in range(self.n_workers)]
         self._await_ready()
         self.notifier.ready()
@@ -200,7 +206,7 @@ class Supervisor:
     def _process_infos(self) -> list[ProcessInfo]:
         """Called from the metrics thread: works on snapshots of the child lists."""
         infos = [ProcessInfo("supervisor", "", os.getpid())]
-        for child in [*list(self.ingests), *list(self.workers)]:
+        for child in self._children():
             pid = child.pid
             if pid is not None and child.exitcode is None:
                 infos.append(ProcessInfo(child.role, child.label, pid))
@@ -212,6 +218,14 @@ class Supervisor:
         child.start()
         return child
 
+    def _start_cluster(self, write_off: tuple[int, ...] = ()) -> ChildProcess:
+        """The cluster process feeds the workers as one more ingest, numbered after the real ones."""
+        start = IngestStart(self.n_ingests, self.cluster_generation, tuple(self.generations), write_off)
+        args = (start, self.config, self.paths, self.ledger)
+        child = ChildProcess(self.mp, "cluster", self.n_ingests, cluster_main, args)
+        child.start()
+        return child
+
     def _start_worker(self, index: int) -> ChildProcess:
         args = (index, self.generations[index], self.config, self.paths, self.ledger)
         child = ChildProcess(self.mp, "worker", index, worker_main, args)
@@ -220,7 +234,7 @@ class Supervisor:
         return child
 
     def _children(self) -> list[ChildProcess]:
-        return [*self.ingests, *self.workers]
+        return [*self.ingests, *([self.cluster] if self.cluster is not None else []), *self.workers]
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -315,6 +329,20 @@ class Supervisor:
             )
             orphaned = tuple(w for w, r in self.replacing.items() if index in r.awaiting)
             self.ingests[index] = self._start_ingest(index, orphaned)
+        self._replace_dead_cluster()
+
+    def _replace_dead_cluster(self) -> None:
+        """A dead cluster process is replaced at once; its leases expire and are taken again by replay."""
+        child = self.cluster
+        if child is None or child.exitcode is None:
+            return
+        if child.pid is not None:
+            archive_dead_process(child.pid, self.paths.metrics_dir, self.metrics_lock)
+        child.conn.close()
+        self.cluster_generation += 1
+        self.log.error("cluster process died, restarting", extra={"exitcode": child.exitcode})
+        orphaned = tuple(w for w, r in self.replacing.items() if self.n_ingests in r.awaiting)
+        self.cluster = self._start_cluster(orphaned)
 
     def _begin_replacement(self, index: int, child: ChildProcess) -> None:
         """Ask every ingest to write off the dead worker's queue; the replacement waits for all of them."""
@@ -327,9 +355,13 @@ class Supervisor:
             "worker died, restarting",
             extra={"worker": index, "exitcode": child.exitcode, "restarts": self.restarts[str(index)]},
         )
-        for ingest in self.ingests:
+        for ingest in self._sources():
             ingest.send(WorkerLost(index, self.generations[index]))
-        self.replacing[index] = Replacement(set(range(self.n_ingests)), self.policies[index].died())
+        self.replacing[index] = Replacement(set(range(self.n_sources)), self.policies[index].died())
+
+    def _sources(self) -> list[ChildProcess]:
+        """Every process that feeds the workers: the ingests and, in a cluster, the cluster process."""
+        return [*self.ingests, *([self.cluster] if self.cluster is not None else [])]
 
     def _kill_stalled_workers(self, progress: Progress, now: float) -> None:
         """A worker that holds a backlog and applies nothing for _STALL_S is killed, and so replaced."""
@@ -379,6 +411,7 @@ class Supervisor:
             "metrics": new.metrics,
             "workers": new.workers,
             "security": new.security,
+            "cluster": new.cluster,
         }
         changed = [name for name, value in fixed.items() if getattr(self.config, name) != value]
         running = self.config.state
@@ -398,6 +431,7 @@ class Supervisor:
             workers=self.config.workers,
             security=self.config.security,
             state=store,
+            cluster=self.config.cluster,
         )
         apply_log_config(self.config.log)
         if self.forwarder.curve is not None:
@@ -415,7 +449,7 @@ class Supervisor:
         """Stop intake, let in-flight batches finish, and stop within ``shutdown.graceful_timeout``."""
         self.notifier.stopping()
         deadline = time.monotonic() + self.config.shutdown.graceful_timeout_ns / 1e9
-        for ingest in self.ingests:
+        for ingest in self._sources():
             ingest.send(Stop())
         for child in self._children():
             child.join(deadline - time.monotonic())

@@ -60,7 +60,28 @@ class EndOfInput:
     ingest: int
 
 
-Message = WorkerBatch | EndOfInput
+@dataclass(frozen=True)
+class PartitionOwned:
+    """Cluster mode: this instance owns ``partition`` under fencing ``token``.
+
+    ``live`` False: what follows is a replay that rebuilds windows and must not be published;
+    True: the partition is caught up and its records go out, stamped with ``token``. Sent
+    in-band, so every batch before it was read under the previous state.
+    """
+
+    partition: int
+    token: int
+    live: bool
+
+
+@dataclass(frozen=True)
+class PartitionDropped:
+    """Cluster mode: this instance no longer owns ``partition``; forget its keys' windows."""
+
+    partition: int
+
+
+Message = WorkerBatch | EndOfInput | PartitionOwned | PartitionDropped
 
 
 def encode_batch(batch: WorkerBatch) -> list[Any]:
@@ -89,11 +110,23 @@ def encode_end_of_input(ingest: int) -> list[bytes]:
     return [msgpack.packb({"eof": ingest})]
 
 
+def encode_partition_owned(owned: PartitionOwned) -> list[bytes]:
+    return [msgpack.packb({"own": owned.partition, "token": owned.token, "live": owned.live})]
+
+
+def encode_partition_dropped(partition: int) -> list[bytes]:
+    return [msgpack.packb({"drop": partition})]
+
+
 def decode(frames: list[Any]) -> Message:
     """Decode frames produced by the ``encode_*`` functions of this module."""
     header = msgpack.unpackb(frames[0], strict_map_key=False)
     if "eof" in header:
         return EndOfInput(header["eof"])
+    if "own" in header:
+        return PartitionOwned(header["own"], header["token"], header["live"])
+    if "drop" in header:
+        return PartitionDropped(header["drop"])
     n = header["n"]
     columns = [
         np.frombuffer(frame, dtype) for frame, dtype in zip(frames[1:], (_SLOT, _TIME, _FLOAT, _FLOAT), strict=True)

@@ -25,6 +25,7 @@ import zmq
 from streamd.checkpoint import Checkpoint
 from streamd.config import Config, SignalSpec
 from streamd.control import Failed, Ready, Reload, Stop
+from streamd.fencing import FENCE_FIELDS, PartitionView
 from streamd.journal import ReplayFilter
 from streamd.keytable import KeyTable
 from streamd.ledger import TickLedger
@@ -33,7 +34,7 @@ from streamd.metrics import WorkerMetrics
 from streamd.persistence import CheckpointWriter, Restored, Written, checkpoint_path, iso, load_for_worker
 from streamd.records import encode_batch_record, encode_record_payloads, record_heads, topics_for
 from streamd.runtime import RuntimePaths, die_with_parent, name_process
-from streamd.transport import EndOfInput, WorkerBatch, decode, encode_ack
+from streamd.transport import EndOfInput, PartitionDropped, PartitionOwned, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
@@ -102,12 +103,19 @@ class Throttle:
         stats = {name: self.pending_values[row, slots] for row, name in enumerate(self.stats)}
         return SignalResult(slots, self.pending_t[slots], stats)
 
+    def forget(self, slots: np.ndarray) -> None:
+        """Rows held for these keys are not sent (their partition left this instance)."""
+        self.pending[slots[slots < len(self.pending)]] = False
+
 
 class SignalPublisher:
     """Publishes one signal's rows in record or batch mode, honouring ``emit_interval``."""
 
-    def __init__(self, spec: SignalSpec, sock: zmq.Socket[Any], metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, spec: SignalSpec, sock: zmq.Socket[Any], metrics: WorkerMetrics, extra: tuple[str, ...] = ()
+    ) -> None:
         self.spec = spec
+        self.fields = (*spec.stats, *extra)  # extra: per-row fields beside the stats (cluster: part, fence)
         self._sock = sock
         self._topics = np.empty(0, dtype=object)  # per local key index, built when first published
         self._heads = np.empty(0, dtype=object)
@@ -115,7 +123,7 @@ class SignalPublisher:
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
         self._dropped = metrics.publish_dropped.labels(spec.name)
-        self._throttle = Throttle(spec.emit_interval_ns, spec.stats) if spec.emit_interval_ns else None
+        self._throttle = Throttle(spec.emit_interval_ns, self.fields) if spec.emit_interval_ns else None
 
     def evict(self, indices: np.ndarray, keys: np.ndarray) -> None:
         """These keys' state is being dropped: their held rows go out now, their names are forgotten."""
@@ -135,7 +143,7 @@ class SignalPublisher:
         unnamed = slots[~self._named[slots]]
         if len(unnamed):
             new = keys[unnamed].tolist()
-            self._heads[unnamed] = record_heads(self.spec.name, new, len(self.spec.stats))
+            self._heads[unnamed] = record_heads(self.spec.name, new, len(self.fields))
             self._topics[unnamed] = topics_for(self.spec.name, new)
             self._named[unnamed] = True
         return self._heads[slots].tolist(), self._topics[slots].tolist()
@@ -144,6 +152,10 @@ class SignalPublisher:
         if self._throttle is not None:
             result = self._throttle.admit(result, time.time_ns())
         self._send(result, keys)
+
+    def forget(self, slots: np.ndarray) -> None:
+        if self._throttle is not None:
+            self._throttle.forget(slots)
 
     def flush_due(self, keys: np.ndarray, *, everything: bool = False) -> None:
         if self._throttle is None:
@@ -161,7 +173,7 @@ class SignalPublisher:
         rows = len(result.slots)
         if not rows:
             return
-        stats = {name: result.stats[name] for name in self.spec.stats}
+        stats = {name: result.stats[name] for name in self.fields}
         pub_ns = time.time_ns()
         sent = 0
         if self.spec.publish == "batch":
@@ -201,7 +213,8 @@ class Worker:
         self.paths = paths
         self.ledger = ledger
         self.conn = conn
-        self.ingests = len(config.ingest.endpoints)
+        self.ingests = len(config.ingest.endpoints) + (config.cluster is not None)  # the cluster reader feeds too
+        self.view = PartitionView(config.cluster.partitions) if config.cluster is not None else None
         self.log = setup_logging(config.log, f"worker{index}")
         self.metrics = WorkerMetrics(index)
         self.engine = Engine(config.signals)
@@ -234,7 +247,7 @@ class Worker:
         self.pub.setsockopt(zmq.XPUB_NODROP, 1)
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.connect(self.paths.forwarder_endpoint)
-        self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in self.config.signals]
+        self.publishers = self._publishers(self.config.signals)
         self._restore()
         engine = "c-kernel" if KERNEL is not None else "numpy (the C kernel is not built: see docs/deploy.md)"
         self.log.info(
@@ -281,7 +294,11 @@ class Worker:
             except zmq.Again:
                 break
             message = decode([frame.buffer for frame in frames])
-            if isinstance(message, EndOfInput):
+            if isinstance(message, PartitionOwned | PartitionDropped):
+                self._process(batches)  # what came before it was read under the previous ownership
+                batches = []
+                self._on_ownership(message)
+            elif isinstance(message, EndOfInput):
                 self.ended.add(message.ingest)
                 self.running = len(self.ended) < self.ingests
             elif message.generation == self.generation:
@@ -311,7 +328,7 @@ class Worker:
             slots, t, p, q = self._columns(sorted_.new)
             results, late = self.engine.process(slots, t, p, q)
             for publisher, result in zip(self.publishers, results, strict=True):
-                publisher.publish(result, self.table.keys)
+                publisher.publish(result if self.view is None else self.view.visible(result), self.table.keys)
         self._evict(self.table.take_dying())
         if not sorted_.new:
             self._settle(batches, 0, 0)
@@ -330,7 +347,9 @@ class Worker:
         """
         table, local = self.table, []
         for batch in batches:
-            table.learn(batch.ingest, batch.ingest_generation, batch.new_keys)
+            new = table.learn(batch.ingest, batch.ingest_generation, batch.new_keys)
+            if self.view is not None and new:
+                self.view.learn(table.indices(new), new)
             slots = table.local(batch.ingest, batch.ingest_generation, batch.slots, now)
             table.forget(batch.ingest, batch.ingest_generation, batch.gone)
             local.append(dataclasses.replace(batch, slots=slots))
@@ -389,6 +408,18 @@ class Worker:
             with contextlib.suppress(zmq.Again):
                 self.acks[ingest].send(ack, zmq.NOBLOCK)
 
+    def _on_ownership(self, message: PartitionOwned | PartitionDropped) -> None:
+        """Apply a change of ownership: a new term or a loss forgets the partition's windows."""
+        assert self.view is not None
+        if isinstance(message, PartitionOwned):
+            stale = self.view.own(message.partition, message.token, live=message.live)
+        else:
+            stale = self.view.drop(message.partition)
+        if len(stale):
+            self.engine.evict(stale)
+            for publisher in self.publishers:
+                publisher.forget(stale)
+
     def _record(self, batches: list[WorkerBatch], now: int, newest: int, started: float) -> None:
         metrics = self.metrics
         metrics.latency.observe((now - min(b.recv_ns for b in batches)) / 1e9)
@@ -406,8 +437,12 @@ class Worker:
             publisher.flush_due(self.table.keys, everything=True)
         self.engine.reconfigure(config.signals)
         self.config = config
-        self.publishers = [SignalPublisher(spec, self.pub, self.metrics) for spec in config.signals]
+        self.publishers = self._publishers(config.signals)
         self.log.info("signals reconfigured", extra={"worker": self.index, "signals": len(config.signals)})
+
+    def _publishers(self, signals: tuple[SignalSpec, ...]) -> list[SignalPublisher]:
+        extra = FENCE_FIELDS if self.view is not None else ()
+        return [SignalPublisher(spec, self.pub, self.metrics, extra) for spec in signals]
 
     # state that outlives the process ------------------------------------------------------
     def _restore(self) -> None:

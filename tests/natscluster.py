@@ -47,6 +47,7 @@ class NatsNode:
     http_port: int
     directory: Path
     proc: subprocess.Popen[bytes] | None = None
+    jetstream_extra: str = ""  # more lines for the jetstream block, e.g. "sync_interval: always"
 
     @property
     def url(self) -> str:
@@ -66,6 +67,7 @@ class NatsNode:
             f'  store_dir: "{self.directory / "store"}"',
             "  max_memory_store: 256MB",
             "  max_file_store: 1GB",
+            *([f"  {self.jetstream_extra}"] if self.jetstream_extra else []),
             "}",
         ]
         if routes:
@@ -178,13 +180,13 @@ class NatsCluster:
 
 
 @contextlib.contextmanager
-def nats_cluster(tmp_path: Path, size: int = 3) -> Iterator[NatsCluster]:
+def nats_cluster(tmp_path: Path, size: int = 3, jetstream_extra: str = "") -> Iterator[NatsCluster]:
     """Start ``size`` JetStream servers on free ports, wait for the meta leader, always kill them."""
     nodes = []
     for i in range(size):
         directory = tmp_path / f"nats{i}"
         directory.mkdir()
-        nodes.append(NatsNode(f"n{i}", free_port(), free_port(), free_port(), directory))
+        nodes.append(NatsNode(f"n{i}", free_port(), free_port(), free_port(), directory, None, jetstream_extra))
     cluster = NatsCluster(nodes)
     try:
         for node in nodes:

@@ -1,0 +1,307 @@
+"""Cluster process: one per instance with ``[cluster]``; reads the partitions this instance owns.
+
+It holds this instance's partition leases (:class:`streamd.leases.LeaseManager`) and, for each
+partition it owns, an :class:`streamd.jetstream.OrderedReader` on ``streamd.ticks.<p>``.
+Towards the workers it is one more ingest (index ``len(ingest.endpoints)``): it decodes what it
+reads, shards it with the same router, and hands it over under the same flow control, ledger
+and worker-restart protocol, which it inherits from :class:`streamd.ingest.Ingest`.
+
+A takeover rebuilds windows before it publishes. On acquiring partition ``p`` with fencing
+token ``T`` it tells every worker, in-band, ``PartitionOwned(p, T, live=False)`` and reads
+``p`` from ``now - replay horizon - margin`` (:func:`streamd.clusterfeed.replay_horizon_ns`;
+the margin covers the lease TTL twice and a second of clock skew). The workers apply those
+ticks without publishing. Once the reader reaches the partition's last message as of the
+takeover, every outbox is flushed and ``PartitionOwned(p, T, live=True)`` follows, so the
+first records published for ``p`` equal an uninterrupted computation, stamped with ``T``.
+Losing or releasing ``p`` stops its reader, flushes, and sends ``PartitionDropped(p)``: the
+workers forget those keys' windows.
+
+On ``Stop`` (SIGTERM) it stops reading, waits (bounded) until the workers applied what it
+handed them, so its last records go out, and only then releases its leases: a successor takes
+over at once instead of after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+
+import nats.errors
+import nats.js.errors
+import uvloop
+import zmq
+
+from streamd.clusterfeed import replay_horizon_ns, retried, stream_retention_s
+from streamd.config import Config
+from streamd.control import Failed, Ready
+from streamd.ingest import Ingest, IngestStart
+from streamd.jetstream import TICKS_STREAM, OrderedReader, connect, ensure_ticks_stream, ticks_subject
+from streamd.leases import LeaseEvent, LeaseManager
+from streamd.ledger import TickLedger
+from streamd.logs import setup_logging
+from streamd.metrics import ClusterMetrics
+from streamd.protocol import decode_payloads
+from streamd.runtime import RuntimePaths, StartupError, die_with_parent, name_process
+from streamd.transport import PartitionOwned, encode_end_of_input, encode_partition_dropped, encode_partition_owned
+
+_BYTES_PER_TICK = 32
+_YIELD_EVERY = 64  # deliveries handled before letting acks and timers run
+_CONNECT_TIMEOUT_S = 30.0
+_SKEW_MARGIN_NS = 1_000_000_000
+
+
+def takeover_start_ns(config: Config, now_ns: int) -> int:
+    """Where a takeover's replay starts (stream time): the replay horizon plus twice the TTL and a second."""
+    assert config.cluster is not None
+    return now_ns - replay_horizon_ns(config) - 2 * config.cluster.lease_ttl_ns - _SKEW_MARGIN_NS
+
+
+def _epoch_ns(stamp: datetime.datetime | str | None) -> int:
+    if isinstance(stamp, datetime.datetime):
+        return int(stamp.timestamp() * 1e9)
+    return time.time_ns()  # unknown: treat the message as recent, so the replay waits for it
+
+
+class ClusterReader(Ingest):
+    """The cluster process: leases, one reader per owned partition, and the ingest's worker side."""
+
+    def __init__(
+        self, start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection
+    ) -> None:
+        super().__init__(start, config, paths, ledger, conn)
+        assert config.cluster is not None
+        self.cluster = config.cluster
+        self.log = setup_logging(config.log, "cluster")
+        self.cluster_metrics = ClusterMetrics()
+        self.readers: dict[int, asyncio.Task[None]] = {}
+        self.tokens: dict[int, int] = {}
+        self.replaying: set[int] = set()
+        self.cancelled: set[asyncio.Task[None]] = set()  # readers told to stop, awaited before the connection closes
+        self.leaving = False
+
+    # start-up -------------------------------------------------------------------------
+    def startup(self) -> None:
+        """Worker-side sockets only: the input is JetStream (``join``), not a ZeroMQ endpoint."""
+        self.ctx = zmq.Context()
+        self.acks = self.ctx.socket(zmq.PULL)
+        self.acks.setsockopt(zmq.LINGER, 0)
+        self.acks.bind(self.paths.ack_endpoint(self.index))
+        self.outputs = [self._open_output(i) for i in range(self.workers)]
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.acks.fileno(), self._on_acks)
+        self.loop.add_reader(self.conn.fileno(), self._on_control)
+        self._settle_predecessor()
+
+    async def join(self) -> None:
+        """Connect, make sure the stream exists, and start taking leases; then report ready."""
+        cluster = self.cluster
+        try:
+            self.nc = await asyncio.wait_for(
+                connect(list(cluster.servers), f"{cluster.name}-cluster-g{self.start.generation}"), _CONNECT_TIMEOUT_S
+            )
+            js = self.nc.jetstream(timeout=5)
+            await retried(lambda: ensure_ticks_stream(js, cluster.replicas, stream_retention_s(self.config)))
+            self.leases = LeaseManager(
+                self.nc,
+                cluster.name,
+                cluster.partitions,
+                cluster.lease_ttl_ns / 1e9,
+                replicas=cluster.replicas,
+                on_change=self._on_lease,
+            )
+            await retried(self.leases.start)
+        except Exception as exc:  # whatever fails here, the instance cannot join
+            msg = f"cluster.servers: cannot join the cluster at {', '.join(cluster.servers)}: {exc!r}"
+            raise StartupError(msg) from None
+        self.log.info(
+            "cluster process started",
+            extra={"instance": cluster.name, "partitions": cluster.partitions, "generation": self.start.generation},
+        )
+        self.conn.send(Ready())
+
+    # ownership --------------------------------------------------------------------------
+    def _on_lease(self, event: LeaseEvent) -> None:
+        self.cluster_metrics.lease_changes.labels(event.kind).inc()
+        if event.kind == "acquired" and self.leaving:
+            pass  # released again by the leave in progress, never read
+        elif event.kind == "acquired":
+            self.tokens[event.partition] = event.token
+            self.readers[event.partition] = asyncio.create_task(self._follow(event.partition, event.token))
+        else:
+            self._stop_reading(event.partition)
+            self._to_workers(encode_partition_dropped(event.partition))
+        self.cluster_metrics.owned.set(len(self.readers))
+        self.log.info("lease " + event.kind, extra={"partition": event.partition, "token": event.token})
+
+    def _stop_reading(self, partition: int) -> None:
+        """Stop the reader: it is between two deliveries, so nothing of it is half handed over.
+
+        Cancelling is not enough on its own (nats-py swallows a cancellation that lands in a
+        flush), so a reader also checks, before each delivery, that it is still the current one.
+        """
+        task = self.readers.pop(partition, None)
+        self.tokens.pop(partition, None)
+        if task is not None:
+            task.cancel()
+            self.cancelled.add(task)
+            task.add_done_callback(self.cancelled.discard)
+        if partition in self.replaying:
+            self.replaying.discard(partition)
+            self.cluster_metrics.replaying.dec()
+
+    def _to_workers(self, frames: list[bytes]) -> None:
+        """An in-band message to every worker, after everything handed over before it."""
+        self._dispatch(everything=True)
+        for sock in self.outputs:
+            with contextlib.suppress(zmq.Again):
+                sock.send_multipart(frames, zmq.NOBLOCK)
+
+    async def _follow(self, partition: int, token: int) -> None:
+        """Replay ``partition`` silently up to where it stood at takeover, then hand it over live."""
+        acquired = time.monotonic()
+        start_ns = takeover_start_ns(self.config, time.time_ns())
+        catch_up = await self._last_sequence(partition, start_ns)
+        if not self._current(partition):
+            return
+        live = catch_up == 0
+        if not live:
+            self.replaying.add(partition)
+            self.cluster_metrics.replaying.inc()
+        self._to_workers(encode_partition_owned(PartitionOwned(partition, token, live)))
+        reader = OrderedReader(
+            self.nc, TICKS_STREAM, ticks_subject(partition), start_time_ns=start_ns, on_stall=self._on_stall
+        )
+        handled = 0
+        async with contextlib.aclosing(aiter(reader)) as deliveries:
+            async for delivery in deliveries:
+                await self._room_for_more()
+                if not self._current(partition):
+                    return
+                self._hand_over(delivery.payload, "live" if live else "replay")
+                if not live and (delivery.seq >= catch_up or delivery.pending == 0):
+                    live = True
+                    self._go_live(partition, token, time.monotonic() - acquired)
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+
+    def _current(self, partition: int) -> bool:
+        return self.readers.get(partition) is asyncio.current_task()
+
+    async def _last_sequence(self, partition: int, start_ns: int) -> int:
+        """The partition's last stream sequence now, or 0 when the replay has nothing to catch up with."""
+        jsm = self.nc.jsm()
+        while True:
+            try:
+                last = await jsm.get_last_msg(TICKS_STREAM, ticks_subject(partition))
+            except nats.js.errors.NotFoundError:
+                return 0
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await asyncio.sleep(0.2)  # the stream is electing a leader: try again
+                continue
+            return int(last.seq or 0) if _epoch_ns(last.time) >= start_ns else 0
+
+    def _go_live(self, partition: int, token: int, seconds: float) -> None:
+        self.replaying.discard(partition)
+        self.cluster_metrics.replaying.dec()
+        self.cluster_metrics.replay_seconds.observe(seconds)
+        self._to_workers(encode_partition_owned(PartitionOwned(partition, token, live=True)))
+        self.log.info("partition live", extra={"partition": partition, "token": token, "replay_s": round(seconds, 3)})
+
+    def _hand_over(self, payload: bytes, phase: str) -> None:
+        decoded = decode_payloads([payload], self.router.codes)
+        self.cluster_metrics.read.labels(phase).inc(decoded.received)
+        for reason, count in decoded.tick_drops.items():
+            self.metrics.ticks_dropped.labels(reason).inc(count)
+        if decoded.keys:
+            self._route(decoded, time.time_ns())
+            self._dispatch()
+
+    async def _room_for_more(self) -> None:
+        """Stop reading (JetStream flow control then holds the rest) while the workers hold too much of ours."""
+        limit = self.config.ingest.max_queue_bytes
+        while self.ledger.held(self.index) * _BYTES_PER_TICK >= limit:
+            await asyncio.sleep(0.01)
+
+    def _check_overload(self) -> None:
+        """Nothing to pause here: :meth:`_room_for_more` holds the readers back instead."""
+
+    def _on_stall(self, seconds: float) -> None:
+        self.cluster_metrics.reader_stalls.inc()
+        self.cluster_metrics.reader_stalled.inc(seconds)
+
+    def _reset_worker(self, worker: int, generation: int) -> None:
+        """A replacement worker has no windows: every owned partition is taken over again, by replay."""
+        super()._reset_worker(worker, generation)
+        for partition, token in list(self.tokens.items()):
+            self._stop_reading(partition)
+            self._to_workers(encode_partition_dropped(partition))
+            self.tokens[partition] = token
+            self.readers[partition] = asyncio.create_task(self._follow(partition, token))
+
+    # shutdown ---------------------------------------------------------------------------
+    def _stop_intake(self) -> None:
+        self.leaving = True
+        self._leave_task = asyncio.create_task(self._leave())
+
+    async def _leave(self) -> None:
+        """Stop reading, let the workers publish what we handed them, then release every lease."""
+        for partition in list(self.readers):
+            self._stop_reading(partition)
+        if self.cancelled:
+            await asyncio.wait(self.cancelled, timeout=1)
+        self._dispatch(everything=True)
+        deadline = time.monotonic() + self.config.shutdown.graceful_timeout_ns / 2e9
+        while time.monotonic() < deadline and self._handed_unapplied():
+            await asyncio.sleep(0.01)
+        await self.leases.stop(release=True)
+        for sock in self.outputs:
+            sock.send_multipart(encode_end_of_input(self.index))
+        self.stopped.set()
+
+    def _handed_unapplied(self) -> bool:
+        return any(self.ledger.in_flight(self.index, worker) > 0 for worker in range(self.workers))
+
+    def _on_supervisor_gone(self) -> None:
+        self.log.error("supervisor is gone; cluster process exiting (its leases will expire)")
+        self.orphaned = True
+        self.loop.remove_reader(self.conn.fileno())
+        self.stopped.set()
+
+    def shutdown(self) -> None:
+        self.acks.close(0)
+        for sock in self.outputs:
+            sock.close(0 if self.orphaned else 5000)
+        self.ctx.term()
+        self.log.info("cluster process stopped")
+
+
+async def _run(reader: ClusterReader) -> None:
+    reader.startup()
+    await reader.join()
+    await reader.serve()
+    if reader.orphaned:
+        await reader.leases.stop(release=False)
+    if reader.cancelled:
+        await asyncio.wait(reader.cancelled, timeout=1)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(reader.nc.close(), 2)
+
+
+def cluster_main(start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+    """Entry point of the cluster process (started with the ``spawn`` context)."""
+    name_process("streamd-cluster")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    reader = ClusterReader(start, config, paths, ledger, conn)
+    try:
+        uvloop.run(_run(reader))
+    except StartupError as exc:
+        conn.send(Failed(str(exc)))
+        sys.exit(1)
+    reader.shutdown()
