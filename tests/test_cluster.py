@@ -36,7 +36,10 @@ def owned(daemons: dict[str, Daemon]) -> dict[str, float]:
     out = {}
     for name, daemon in daemons.items():
         if daemon.proc.poll() is None:
-            samples = daemon.scrape()
+            try:
+                samples = daemon.scrape()
+            except OSError:  # an instance on its way out (SIGTERM) stops serving /metrics
+                continue
             out[name] = samples.get("streamd_cluster_partitions_owned", 0.0) - samples.get(
                 "streamd_cluster_partitions_replaying", 0.0
             )
