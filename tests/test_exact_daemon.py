@@ -56,12 +56,13 @@ def test_records_at_level_shifts_quote_stretches_and_constant_runs_are_exact(tmp
     with running_daemon(tmp_path, workers=2, extra_toml=SIGNALS) as daemon:
         sub = Subscriber(daemon)
         sub.sync()
-        payloads = []
-        for i in range(0, 110, 7):  # batches that split every stretch differently
-            payloads.append(msgpack.packb([tick for stream in streams.values() for tick in stream[i : i + 7]]))
-        feed(daemon.ingest, payloads)
-        last = {key: stream[-1]["t"] for key, stream in streams.items()}
-        sub.collect(lambda: sum(1 for r in sub.records if last.get(r["k"]) == r["t"]) == 2 * len(streams))
+        for i in range(0, 110, 7):  # batches that cut every stretch differently, each applied on its own
+            chunk = {key: stream[i : i + 7] for key, stream in streams.items()}
+            feed(daemon.ingest, [msgpack.packb([tick for ticks in chunk.values() for tick in ticks])])
+            newest = {key: ticks[-1]["t"] for key, ticks in chunk.items() if ticks}
+            sub.collect(
+                lambda newest=newest: sum(1 for r in sub.records if newest.get(r["k"]) == r["t"]) == 2 * len(newest)
+            )
         sub.close()
         samples = daemon.wait_idle()
     checked = quote_only = constant = 0
