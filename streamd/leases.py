@@ -47,6 +47,7 @@ _MEMBER = "member."
 _LEASE = "lease."
 _MARGIN = 1 / 6  # of the TTL: how much sooner than the server a holder stops counting a lease
 _T = TypeVar("_T")
+_BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 
 
@@ -189,11 +190,19 @@ class LeaseManager:
 
     # the rounds ---------------------------------------------------------------------------
     async def _bucket(self, js: nats.js.JetStreamContext) -> KeyValue:
-        try:
-            return await js.key_value(self.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, replicas=self.replicas)
-            return await js.create_key_value(config)
+        """The lease bucket, found or created; retried for a while, since a young or busy cluster times out."""
+        deadline = time.monotonic() + _BUCKET_PATIENCE_S
+        while True:
+            try:
+                try:
+                    return await js.key_value(self.bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, replicas=self.replicas)
+                    return await js.create_key_value(config)
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _run(self) -> None:
         """Renew on the heartbeat's schedule; rebalance after every round and whenever the bucket changed."""
