@@ -26,27 +26,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import signal
-import sys
 import time
 from multiprocessing.connection import Connection
 
 import nats.errors
 import nats.js.errors
-import uvloop
 import zmq
 
 from streamd.clusterfeed import replay_horizon_ns, retried, stream_retention_s
 from streamd.config import Config
-from streamd.control import Failed, Ready
-from streamd.ingest import Ingest, IngestStart
+from streamd.control import Ready
+from streamd.ingest import Ingest, IngestStart, run_child
 from streamd.jetstream import TICKS_STREAM, OrderedReader, connect, ensure_ticks_stream, ticks_subject
 from streamd.leases import LeaseEvent, LeaseManager
 from streamd.ledger import TickLedger
 from streamd.logs import setup_logging
 from streamd.metrics import ClusterMetrics
 from streamd.protocol import decode_payloads
-from streamd.runtime import RuntimePaths, StartupError, die_with_parent, name_process
+from streamd.runtime import RuntimePaths, StartupError
 from streamd.transport import PartitionOwned, encode_end_of_input, encode_partition_dropped, encode_partition_owned
 
 _BYTES_PER_TICK = 32
@@ -295,13 +292,4 @@ async def _run(reader: ClusterReader) -> None:
 
 def cluster_main(start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
     """Entry point of the cluster process (started with the ``spawn`` context)."""
-    name_process("streamd-cluster")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-    reader = ClusterReader(start, config, paths, ledger, conn)
-    try:
-        uvloop.run(_run(reader))
-    except StartupError as exc:
-        conn.send(Failed(str(exc)))
-        sys.exit(1)
-    reader.shutdown()
+    run_child("streamd-cluster", lambda: ClusterReader(start, config, paths, ledger, conn), _run, conn)

@@ -17,9 +17,10 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import uvloop
@@ -548,16 +549,29 @@ class IngestStart:
     write_off: tuple[int, ...] = ()  # workers that died while this ingest's predecessor was dead
 
 
-def ingest_main(start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
-    """Entry point of an ingest process (started with the ``spawn`` context)."""
-    index = start.index
-    name_process(f"streamd-ingest{index}")
+_Child = TypeVar("_Child", bound="Ingest")
+
+
+def run_child(
+    name: str, build: Callable[[], _Child], lifetime: Callable[[_Child], Coroutine[Any, Any, None]], conn: Connection
+) -> None:
+    """Run an ingest-shaped child to its end: the ingest processes and the cluster reader share this.
+
+    The process is named, leaves SIGINT to the supervisor and dies with it; ``build`` runs only
+    then (it sets up logging and metrics); a start-up error is reported as :class:`Failed`.
+    """
+    name_process(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    ingest = Ingest(start, config, paths, ledger, conn)
+    child = build()
     try:
-        uvloop.run(_run(ingest))
+        uvloop.run(lifetime(child))
     except StartupError as exc:
         conn.send(Failed(str(exc)))
         sys.exit(1)
-    ingest.shutdown()
+    child.shutdown()
+
+
+def ingest_main(start: IngestStart, config: Config, paths: RuntimePaths, ledger: TickLedger, conn: Connection) -> None:
+    """Entry point of an ingest process (started with the ``spawn`` context)."""
+    run_child(f"streamd-ingest{start.index}", lambda: Ingest(start, config, paths, ledger, conn), _run, conn)
