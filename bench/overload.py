@@ -1,0 +1,158 @@
+"""Overload: 60 s at 3x the sustainable rate, then back to normal.
+
+``python -m bench.overload [--sustainable TICKS_PER_S] [--seconds 60]``
+
+The daemon (2 workers, built-in signals, batch publish, default ``ingest.max_queue_bytes`` and
+``rcvhwm``; its own session, as under systemd) is fed columnar list batches of string keys by
+paced generators at 3x ``--sustainable`` (default: the sustained figure of the latest quick run's
+section (c)). A probe sends one tick of its own key every 50 ms throughout and times its record,
+before, during and after the burst. Printed: the offered and accepted rates (PUSH senders are
+pushed back: accepted < offered), the daemon's resident memory (all processes) against its bound,
+the books after the burst, and how long after the burst the probe's latency was back to normal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from bench.harness import Feed, SignalOptions, offer_load, running_daemon
+from bench.report import RESULTS_DIR
+from bench.soak import daemon_rss
+
+PROBE_KEY = "__overload_probe__"
+RCVHWM_MESSAGES = 1_000  # ingest.rcvhwm default
+MAX_QUEUE_BYTES = 256 << 20  # ingest.max_queue_bytes default
+MESSAGE_BYTES = 30_000  # a 1,000-tick list-column batch of string keys, about
+
+
+class Probe:
+    """One tick of its own key every 50 ms on its own socket; the latency of each tick's record."""
+
+    def __init__(self, ingest: str, publish: str) -> None:
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(ingest)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"px1s")
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.connect(publish)
+        self.samples: list[tuple[float, float]] = []  # (send time, latency ms)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        sent: dict[int, float] = {}
+        next_send = time.monotonic()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= next_send:
+                t = time.time_ns()
+                sent[t] = now
+                self.push.send(msgpack.packb({"k": PROBE_KEY, "t": t, "p": 1.0}), zmq.NOBLOCK)
+                next_send += 0.05
+            if self.sub.poll(5):
+                record = msgpack.unpackb(self.sub.recv_multipart()[-1], strict_map_key=False)
+                for key, t in zip(record["k"], record["t"], strict=True):
+                    if key == PROBE_KEY and t in sent:
+                        self.samples.append((sent[t], (time.monotonic() - sent.pop(t)) * 1e3))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.push.close(0)
+        self.sub.close(0)
+        self.ctx.term()
+
+
+def median_latency(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    window = [ms for at, ms in samples if start <= at < end]
+    return statistics.median(window) if window else float("nan")
+
+
+def recovery_seconds(samples: list[tuple[float, float]], burst_end: float, normal_ms: float) -> float | None:
+    """Seconds after the burst until every later probe is within 2x the normal median (+1 ms)."""
+    late = [(at, ms) for at, ms in samples if at >= burst_end]
+    for index, (at, _) in enumerate(late):
+        if all(ms <= 2 * normal_ms + 1.0 for _, ms in late[index:]):
+            return at - burst_end
+    return None
+
+
+def default_sustainable() -> float:
+    path = RESULTS_DIR / "latest-quick.json"
+    if path.exists():
+        cases = json.loads(path.read_text())["sections"]["daemon"]["tables"][0]["data"]
+        case = cases.get("list-str-10000-zipf-batch-1ep")
+        if case and case.get("sustained"):
+            return float(case["sustained"])
+    return 2_000_000.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sustainable", type=float, default=None, help="ticks/s the daemon sustains (default: latest run)"
+    )
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    sustainable = args.sustainable or default_sustainable()
+    feed = Feed("list", 10_000)
+    with running_daemon(2, SignalOptions("batch")) as daemon:
+        assert daemon.process is not None
+        probe = Probe(daemon.ingests[0], daemon.publish)
+        probe.thread.start()
+        rss: list[tuple[float, int]] = []
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            rss.append((time.monotonic(), daemon_rss(daemon.process.pid)))
+            time.sleep(0.5)
+        baseline_rss = max(r for _, r in rss)
+        burst_start = time.monotonic()
+        load = offer_load(
+            daemon.ingests,
+            feed,
+            3 * sustainable,
+            args.seconds,
+            generators_per_endpoint=2,
+            during=lambda: rss.append((time.monotonic(), daemon_rss(daemon.process.pid))),  # type: ignore[union-attr]
+        )
+        burst_end = time.monotonic()
+        while time.monotonic() - burst_end < 15:
+            rss.append((time.monotonic(), daemon_rss(daemon.process.pid)))
+            time.sleep(0.5)
+        idle, books = daemon.wait_idle(120)
+        probe.close()
+    normal = median_latency(probe.samples, started, burst_start)
+    result: dict[str, Any] = {
+        "sustainable_ticks_per_s": sustainable,
+        "offered_ticks_per_s": load.get("offered"),
+        "accepted_ticks_per_s": load.get("achieved"),
+        "burst_s": args.seconds,
+        "rss_baseline_mib": round(baseline_rss / 2**20, 1),
+        "rss_peak_mib": round(max(r for _, r in rss) / 2**20, 1),
+        "rss_bound_mib": round((baseline_rss + MAX_QUEUE_BYTES + RCVHWM_MESSAGES * MESSAGE_BYTES) / 2**20, 1),
+        "books_balance": idle,
+        "books": books,
+        "probe_ms_before": round(normal, 2),
+        "probe_ms_during": round(median_latency(probe.samples, burst_start, burst_end), 2),
+        "back_to_normal_after_s": recovery_seconds(probe.samples, burst_end, normal),
+    }
+    print(f"{'metric':<28} value")
+    for name, value in result.items():
+        print(f"{name:<28} {value}")
+    result["rss_mib"] = [(round(at - started, 1), round(r / 2**20, 1)) for at, r in rss]
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "overload-latest.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"results: {RESULTS_DIR / 'overload-latest.json'}")
+
+
+if __name__ == "__main__":
+    main()
