@@ -223,7 +223,10 @@ class Ingest:
         metrics = self.metrics
         metrics.messages_received.inc(len(payloads))
         metrics.bytes_received.inc(size)
+        # Accepted ticks are held from the moment they count as received: a kill -9 after this
+        # point leaves them in the ledger's buffered cell, which the replacement counts as lost.
         metrics.ticks_received.inc(decoded.received)
+        self.ledger.buffer(self.index, len(decoded.keys))
         for reason, count in decoded.tick_drops.items():
             metrics.ticks_dropped.labels(reason).inc(count)
         for reason, count in decoded.message_drops.items():
@@ -232,9 +235,11 @@ class Ingest:
             self.limited.warning(reason, "input dropped", reason=reason, example=example)
         if decoded.keys and self.overloaded:
             metrics.ticks_dropped.labels("overload").inc(len(decoded.keys))
+            self.ledger.buffer(self.index, -len(decoded.keys))
             self.limited.warning("overload", "over ingest.max_queue_bytes, input shed", ticks=len(decoded.keys))
         elif decoded.keys and feed is not None:
             feed.accept(decoded)
+            self.ledger.buffer(self.index, -len(decoded.keys))
         elif decoded.keys:
             self._route(decoded, recv_ns)
 
@@ -245,6 +250,7 @@ class Ingest:
                 self._buffer(worker, *part, recv_ns)
         if router.rejected_ticks:
             self.metrics.ticks_dropped.labels("key_limit").inc(router.rejected_ticks)
+            self.ledger.buffer(self.index, -router.rejected_ticks)
             self.limited.warning(
                 "key_limit",
                 "state.max_keys reached: ticks of new keys dropped, known keys keep flowing",
@@ -262,7 +268,6 @@ class Ingest:
             outbox.oldest_ns = recv_ns
         outbox.parts.append((slots, t, p, q))
         outbox.ticks += len(t)
-        self.ledger.buffer(self.index, len(t))
 
     # flow control: when a worker's outbox leaves ------------------------------------------
     def _dispatch(self, *, everything: bool = False) -> None:
