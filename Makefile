@@ -22,7 +22,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/streamd demo
 
 test: $(VENV)/.installed-test system-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not cluster"
+	$(PY) -m pytest -q -m cluster
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

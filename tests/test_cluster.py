@@ -27,6 +27,8 @@ from tests.clusterharness import (
 from tests.helpers import Daemon
 from tests.natscluster import nats_cluster
 
+pytestmark = pytest.mark.cluster  # heavy: run alone (Makefile), not beside other test files
+
 PARTITIONS = 12
 KEYS = [f"K{i}" for i in range(48)]
 
@@ -77,7 +79,7 @@ def finish(collector: Collector, feed: Feed, daemons: dict[str, Daemon]) -> list
     """Stop the feed, wait until every tick is reflected, then run every output check."""
     feed.stop()
     sent = {key: len(t) for key, (t, _, _) in feed.by_key().items()}
-    wait_until(lambda: settled(collector, sent), 30, "final records covering every tick")
+    wait_until(lambda: settled(collector, sent), 60, "final records covering every tick")
     rows = collector.snapshot()
     config_path = next(iter(daemons.values())).config_path
     checked = check_rows_exact(rows, feed, config_path)
