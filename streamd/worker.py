@@ -38,6 +38,9 @@ from streamd.transport import EndOfInput, PartitionDropped, PartitionOwned, Work
 from streamd.windows import KERNEL, Engine, SignalResult
 
 _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it has
+# Ticks merged into one engine call at most: the call's temporaries grow with it, so a deep backlog
+# is applied in calls of this size instead of one call holding gigabytes.
+_DRAIN_TICKS = 100_000
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: send_multipart and flag enums cost 3x two plain sends
 _NOBLOCK = int(zmq.NOBLOCK)
 _RETIRE_EVERY_S = 1.0  # how often tables of replaced ingest incarnations are looked at
@@ -288,7 +291,10 @@ class Worker:
     def _drain(self) -> None:
         """Receive everything queued (bounded) and apply it as one engine call."""
         batches: list[WorkerBatch] = []
+        ticks = 0
         for _ in range(_DRAIN_LIMIT):
+            if ticks >= _DRAIN_TICKS:
+                break
             try:
                 frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -303,6 +309,7 @@ class Worker:
                 self.running = len(self.ended) < self.ingests
             elif message.generation == self.generation:
                 batches.append(message)
+                ticks += len(message.t)
             else:
                 self.metrics.stale_batches.inc()
         self._process(batches)
