@@ -13,9 +13,7 @@ Signal handlers only record; the main thread acts on them and stops the proxy th
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
 import time
 from types import FrameType
 from typing import Any
@@ -24,6 +22,7 @@ import zmq
 
 from streamd.config import Config, GatewayConfig
 from streamd.logs import setup_logging
+from streamd.proxy import SteerableProxy
 from streamd.runtime import StartupError
 
 READY_LINE = "streamd gateway ready"
@@ -41,9 +40,7 @@ class Gateway:
             sock.setsockopt(zmq.LINGER, 0)
         self.xsub.setsockopt(zmq.RCVHWM, config.sndhwm)
         self.xpub.setsockopt(zmq.SNDHWM, config.sndhwm)
-        self._control = ctx.socket(zmq.PAIR)
-        self._steer = ctx.socket(zmq.PAIR)
-        self._thread = threading.Thread(target=self._proxy, name="gateway-proxy", daemon=True)
+        self._proxy = SteerableProxy(ctx, self.xsub, self.xpub, "gateway-proxy")
 
     def start(self) -> None:
         try:
@@ -57,21 +54,12 @@ class Gateway:
             except zmq.ZMQError as exc:
                 msg = f"gateway.upstreams[{i}]: cannot connect to {upstream}: {zmq.strerror(exc.errno or 0)}"
                 raise StartupError(msg) from None
-        address = f"inproc://gateway-control-{id(self)}"
-        self._control.bind(address)
-        self._steer.connect(address)
-        self._thread.start()
-
-    def _proxy(self) -> None:
-        with contextlib.suppress(zmq.ContextTerminated):
-            zmq.proxy_steerable(self.xsub, self.xpub, None, self._control)
+        self._proxy.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._steer.send(b"TERMINATE")
-            self._thread.join(timeout=5)
-        for sock in (self.xsub, self.xpub, self._control, self._steer):
-            sock.close(0)
+        self._proxy.stop()
+        self.xsub.close(0)
+        self.xpub.close(0)
 
 
 def run_gateway(config: Config) -> int:

@@ -11,7 +11,6 @@ the replacement starts) advanced on each pass of the loop. Children are started 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -35,6 +34,7 @@ from streamd.ingest import IngestStart, ingest_main
 from streamd.ledger import TickLedger
 from streamd.logs import apply_log_config, setup_logging
 from streamd.metrics import ProcessInfo, SupervisorView, archive_dead_process, serving_registry
+from streamd.proxy import SteerableProxy
 from streamd.runtime import RuntimePaths, StartupError
 from streamd.sdnotify import Notifier
 from streamd.worker import worker_main
@@ -80,26 +80,14 @@ class Forwarder:
             msg = f"publish.endpoint: cannot bind {outside}: {zmq.strerror(exc.errno or 0)}"
             raise StartupError(msg) from None
         self.xsub.bind(inside)
-        self._control = ctx.socket(zmq.PAIR)
-        self._control.bind(f"inproc://forwarder-control-{id(self)}")
-        self._steer = ctx.socket(zmq.PAIR)
-        self._steer.connect(f"inproc://forwarder-control-{id(self)}")
-        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._proxy = SteerableProxy(ctx, self.xsub, self.xpub, "forwarder")
 
     def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(zmq.ContextTerminated):
-            zmq.proxy_steerable(self.xsub, self.xpub, None, self._control)
+        self._proxy.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._steer.send(b"TERMINATE")
-            self._thread.join(timeout=5)
+        self._proxy.stop()
         self.close_sockets()
-        self._control.close(0)
-        self._steer.close(0)
 
     def close_sockets(self) -> None:
         if self.curve is not None:
