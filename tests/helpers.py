@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,11 +26,31 @@ from streamd.protocol import encode_columnar_bin
 READY_LINE = "streamd ready"
 
 
+_PORTS_PER_XDIST_WORKER = 3000
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free a moment ago on 127.0.0.1, never handed out twice in this session.
+
+    Taken below the kernel's ephemeral range (32768 and up), where the outgoing connections of the
+    daemons and nats-servers under test would otherwise take a port between its choice and its
+    bind; each pytest-xdist worker has its own slice, so two workers never choose the same one.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + (worker % 4) * _PORTS_PER_XDIST_WORKER
+    for port in random.sample(range(low, low + _PORTS_PER_XDIST_WORKER), _PORTS_PER_XDIST_WORKER):
+        if port in _ports_given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    msg = f"no free port left in {low}-{low + _PORTS_PER_XDIST_WORKER}"
+    raise RuntimeError(msg)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
