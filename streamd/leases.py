@@ -48,6 +48,8 @@ _LEASE = "lease."
 _MARGIN = 1 / 6  # of the TTL: how much sooner than the server a holder stops counting a lease
 _T = TypeVar("_T")
 _BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
+_RETRY_S = 0.25  # after a failed renewal round: retry this soon, to keep leases through a short election
+_ATTEMPT_S = 1.0  # longest wait for one bucket operation, so retries keep that pace while the bucket elects
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 
 
@@ -159,6 +161,7 @@ class LeaseManager:
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._view_since = -float("inf")  # when the view of the bucket became trustworthy
 
     # public -------------------------------------------------------------------------------
     def owned(self) -> dict[int, int]:
@@ -172,6 +175,7 @@ class LeaseManager:
         await self._heartbeat()
         self._watcher = await self.kv.watchall()
         first = await _next_update(self._watcher, timeout=5)
+        self._view_since = self.clock()
         self._watch_task = asyncio.create_task(self._follow(first))
         self._task = asyncio.create_task(self._run())
 
@@ -206,20 +210,26 @@ class LeaseManager:
 
     async def _run(self) -> None:
         """Renew on the heartbeat's schedule; rebalance after every round and whenever the bucket changed."""
-        await asyncio.sleep(self.interval_s)  # peers starting together see each other before anyone acquires
         next_renewal = self.clock()
         while True:
             self._expire_own()
             if self.clock() >= next_renewal:
-                next_renewal = self.clock() + self.interval_s
-                await asyncio.gather(self._heartbeat(), *(self._renew(p) for p in list(self._held)))
+                started = self.clock()
+                done = await asyncio.gather(self._heartbeat(), *(self._renew(p) for p in list(self._held)))
+                next_renewal = started + (self.interval_s if all(done) else _RETRY_S)
             self._wakeup.clear()
             await self._rebalance()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_renewal - self.clock()))
 
     async def _rebalance(self) -> None:
-        """Release what the assignment gives to others, then try to take the free partitions it gives us."""
+        """Release what the assignment gives to others, then try to take the free partitions it gives us.
+
+        Not while the view is young (just rebuilt, or the bucket just came back): peers' heartbeats
+        are not in it yet, and acting on it would take partitions only to hand them back.
+        """
+        if self.clock() - self._view_since < self.interval_s:
+            return
         wanted = assign(self.partitions, self._live_members(), self._current_owners())
         for partition in [p for p in self._held if wanted.get(p) != self.name]:
             await self._release(partition)
@@ -232,14 +242,22 @@ class LeaseManager:
             if now >= held.valid_until:
                 self._drop(partition, "lost")
 
-    async def _heartbeat(self) -> None:
-        with contextlib.suppress(*_NATS_ERRORS):
+    async def _heartbeat(self) -> bool:
+        """Rewrite our membership; the first success after failures makes the view young again."""
+        try:
             await self._bounded(self.kv.put(_MEMBER + self.name, self.name.encode()))
+        except _NATS_ERRORS:
+            self._view_since = float("inf")
+            return False
+        if self._view_since == float("inf"):
+            self._view_since = self.clock()
+        return True
 
-    async def _renew(self, partition: int) -> None:
+    async def _renew(self, partition: int) -> bool:
+        """False only when the bucket could not be reached (the lease still counts until ``valid_until``)."""
         held = self._held.get(partition)
         if held is None:
-            return
+            return True
         key = _LEASE + str(partition)
         sent = self.clock()
         try:
@@ -250,12 +268,13 @@ class LeaseManager:
                 held.revision = seen.revision  # our own renewal whose ack timed out; validity waits for the next
             else:
                 self._drop(partition, "lost")
-            return
+            return True
         except _NATS_ERRORS:
-            return  # unreachable for now: the lease still counts until valid_until
+            return False
         if self._held.get(partition) is held:
             held.revision = revision
             held.valid_until = sent + self.ttl_s * (1 - _MARGIN)
+        return True
 
     async def _acquire(self, partition: int) -> None:
         sent = self.clock()
@@ -275,7 +294,7 @@ class LeaseManager:
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
         """A lease operation may take at most one heartbeat interval: a round must not outlive a lease."""
-        return await asyncio.wait_for(operation, self.interval_s)
+        return await asyncio.wait_for(operation, min(self.interval_s, _ATTEMPT_S))
 
     def _drop(self, partition: int, kind: Literal["released", "lost"]) -> _Held | None:
         held = self._held.pop(partition, None)
@@ -290,13 +309,37 @@ class LeaseManager:
 
     # the view of the bucket -----------------------------------------------------------------
     async def _follow(self, first: KeyValue.Entry | None) -> None:
-        """Keep ``_seen`` current from the bucket's watcher; wake a round when something changed."""
-        assert self._watcher is not None
+        """Keep ``_seen`` current from the bucket's watcher; wake a round when something changed.
+
+        Our own heartbeat lands in the bucket every interval, so a watcher silent for one and a
+        half intervals has lost its consumer with the server that held it. nats-py's ordered consumer notices that
+        only after two of its fixed 5 s heartbeats and retries at that pace, while leases lapse in
+        3, so the watcher is recreated here instead.
+        """
         entry = first
         while True:
             if entry is not None and self._on_entry(entry):
                 self._wakeup.set()
-            entry = await _next_update(self._watcher, timeout=None)
+            assert self._watcher is not None
+            try:
+                entry = await _next_update(self._watcher, timeout=1.5 * self.interval_s + _RETRY_S)
+            except nats.errors.TimeoutError:
+                entry = await self._rewatch()
+
+    async def _rewatch(self) -> KeyValue.Entry | None:
+        """A new watcher and a view rebuilt from scratch: until it is one interval old, no round acts on it."""
+        if self._watcher is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._bounded(self._watcher.stop())  # type: ignore[no-untyped-call]  # untyped in nats-py
+        while True:
+            try:
+                self._watcher = await self._bounded(self.kv.watchall())
+                break
+            except _NATS_ERRORS:
+                await asyncio.sleep(0.2)  # the bucket's stream is electing a leader
+        self._seen.clear()
+        self._view_since = self.clock()
+        return None
 
     def _on_entry(self, entry: KeyValue.Entry) -> bool:
         """Record an entry; True when ownership or membership changed, not for a mere renewal."""
