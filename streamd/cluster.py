@@ -8,11 +8,12 @@ and worker-restart protocol, which it inherits from :class:`streamd.ingest.Inges
 
 A takeover rebuilds windows before it publishes. On acquiring partition ``p`` with fencing
 token ``T`` it tells every worker, in-band, ``PartitionOwned(p, T, live=False)`` and reads
-``p`` from ``now - replay horizon - margin`` (:func:`streamd.clusterfeed.replay_horizon_ns`;
-the margin covers the lease TTL twice and a second of clock skew). The workers apply those
-ticks without publishing. Once the reader reaches the partition's last message as of the
-takeover, every outbox is flushed and ``PartitionOwned(p, T, live=True)`` follows, so the
-first records published for ``p`` equal an uninterrupted computation, stamped with ``T``.
+``p`` from a replay horizon (:func:`streamd.clusterfeed.replay_horizon_ns`) before the earlier
+of now (less twice the lease TTL and a second of clock skew) and the partition's published
+position (:mod:`streamd.positions`). The workers apply those ticks without publishing. Past
+that position (or the partition's last message at takeover, if earlier) every outbox is
+flushed and ``PartitionOwned(p, T, live=True)`` follows, so the first records published for
+``p`` equal an uninterrupted computation, stamped with ``T``, and no tick goes without one.
 Losing or releasing ``p`` stops its reader, flushes, and sends ``PartitionDropped(p)``: the
 workers forget those keys' windows.
 
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import datetime
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import nats.errors
@@ -42,6 +44,7 @@ from streamd.leases import LeaseEvent, LeaseManager
 from streamd.ledger import TickLedger
 from streamd.logs import setup_logging
 from streamd.metrics import ClusterMetrics
+from streamd.positions import Position, PositionBook, positions_bucket, read_position, write_positions
 from streamd.protocol import decode_payloads
 from streamd.runtime import RuntimePaths, StartupError
 from streamd.transport import PartitionOwned, encode_end_of_input, encode_partition_dropped, encode_partition_owned
@@ -64,6 +67,33 @@ def _epoch_ns(stamp: datetime.datetime | str | None) -> int:
     return time.time_ns()  # unknown: treat the message as recent, so the replay waits for it
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """Where a takeover's replay starts and which of its messages stay silent.
+
+    Silent ends at the earlier of the partition's published position (:mod:`streamd.positions`)
+    and its last message at takeover, so ticks that arrived while nobody owned it (a crash, or
+    every lease lapsing in an election) are published now. With no position on record (its
+    owner died before writing one), everything from ``exact_from_ns`` on is published: the
+    replay holds a full horizon before those ticks, so their records are exact, and the
+    previous owner may have published some of them too.
+    """
+
+    start_ns: int
+    silent_until: int  # the last sequence that may stay silent; 0: live at once
+    published: Position | None
+    exact_from_ns: int
+
+    def silent(self, seq: int, time_ns: int) -> bool:
+        if seq > self.silent_until:
+            return False
+        return self.published is not None or time_ns < self.exact_from_ns
+
+    def describe(self) -> dict[str, int | None]:
+        published = self.published.seq if self.published is not None else None
+        return {"published_seq": published, "silent_until": self.silent_until}
+
+
 class ClusterReader(Ingest):
     """The cluster process: leases, one reader per owned partition, and the ingest's worker side."""
 
@@ -80,6 +110,11 @@ class ClusterReader(Ingest):
         self.replaying: set[int] = set()
         self.cancelled: set[asyncio.Task[None]] = set()  # readers told to stop, awaited before the connection closes
         self.leaving = False
+        workers = range(self.workers)
+        self.book = PositionBook(
+            handed=lambda: [ledger.handed(self.index, w) for w in workers],
+            applied=lambda: [ledger.applied(self.index, w) for w in workers],
+        )
 
     # start-up -------------------------------------------------------------------------
     def startup(self) -> None:
@@ -112,6 +147,7 @@ class ClusterReader(Ingest):
                 on_change=self._on_lease,
             )
             await retried(self.leases.start)
+            self.positions = await retried(lambda: positions_bucket(js, cluster.replicas))
         except Exception as exc:  # whatever fails here, the instance cannot join
             msg = f"cluster.servers: cannot join the cluster at {', '.join(cluster.servers)}: {exc!r}"
             raise StartupError(msg) from None
@@ -119,6 +155,7 @@ class ClusterReader(Ingest):
             "cluster process started",
             extra={"instance": cluster.name, "partitions": cluster.partitions, "generation": self.start.generation},
         )
+        self.position_task = asyncio.create_task(self._record_positions())
         self.conn.send(Ready())
 
     # ownership --------------------------------------------------------------------------
@@ -127,13 +164,36 @@ class ClusterReader(Ingest):
         if event.kind == "acquired" and self.leaving:
             pass  # released again by the leave in progress, never read
         elif event.kind == "acquired":
-            self.tokens[event.partition] = event.token
-            self.readers[event.partition] = asyncio.create_task(self._follow(event.partition, event.token))
+            self._start_reading(event.partition, event.token)
         else:
             self._stop_reading(event.partition)
+            self.book.forget(event.partition)
             self._to_workers(encode_partition_dropped(event.partition))
         self.cluster_metrics.owned.set(len(self.readers))
         self.log.info("lease " + event.kind, extra={"partition": event.partition, "token": event.token})
+
+    def _start_reading(self, partition: int, token: int) -> None:
+        self.tokens[partition] = token
+        task = asyncio.create_task(self._follow(partition, token))
+        task.add_done_callback(lambda done: self._on_reader_done(partition, token, done))
+        self.readers[partition] = task
+
+    def _on_reader_done(self, partition: int, token: int, task: asyncio.Task[None]) -> None:
+        """A reader that failed while still current takes its partition over again, from the replay.
+
+        Without this, an error the reader did not expect (a connection error in the middle of a
+        server's failover) would leave the partition owned and never read again.
+        """
+        if task.cancelled() or task.exception() is None or self.readers.get(partition) is not task:
+            return
+        self.cluster_metrics.reader_failures.inc()
+        self.log.error(
+            "partition reader failed; taking the partition over again",
+            extra={"partition": partition, "token": token, "error": repr(task.exception())},
+        )
+        self._stop_reading(partition)
+        self._to_workers(encode_partition_dropped(partition))
+        self._start_reading(partition, token)
 
     def _stop_reading(self, partition: int) -> None:
         """Stop the reader: it is between two deliveries, so nothing of it is half handed over.
@@ -159,19 +219,19 @@ class ClusterReader(Ingest):
                 sock.send_multipart(frames, zmq.NOBLOCK)
 
     async def _follow(self, partition: int, token: int) -> None:
-        """Replay ``partition`` silently up to where it stood at takeover, then hand it over live."""
+        """Replay ``partition`` silently up to where its output stood, then hand it over live."""
         acquired = time.monotonic()
-        start_ns = takeover_start_ns(self.config, time.time_ns())
-        catch_up = await self._last_sequence(partition, start_ns)
+        plan = await self._plan_takeover(partition)
         if not self._current(partition):
             return
-        live = catch_up == 0
+        self.log.info("taking over partition", extra={"partition": partition, "token": token, **plan.describe()})
+        live = plan.silent_until == 0
         if not live:
             self.replaying.add(partition)
             self.cluster_metrics.replaying.inc()
         self._to_workers(encode_partition_owned(PartitionOwned(partition, token, live)))
         reader = OrderedReader(
-            self.nc, TICKS_STREAM, ticks_subject(partition), start_time_ns=start_ns, on_stall=self._on_stall
+            self.nc, TICKS_STREAM, ticks_subject(partition), start_time_ns=plan.start_ns, on_stall=self._on_stall
         )
         handled = 0
         async with contextlib.aclosing(aiter(reader)) as deliveries:
@@ -179,13 +239,38 @@ class ClusterReader(Ingest):
                 await self._room_for_more()
                 if not self._current(partition):
                     return
+                if not live and not plan.silent(delivery.seq, delivery.time_ns):
+                    live = True
+                    self._go_live(partition, token, time.monotonic() - acquired)
                 self._hand_over(delivery.payload, "live" if live else "replay")
-                if not live and (delivery.seq >= catch_up or delivery.pending == 0):
+                self.book.handed_over(partition, Position(delivery.seq, delivery.time_ns))
+                if not live and (delivery.seq >= plan.silent_until or delivery.pending == 0):
                     live = True
                     self._go_live(partition, token, time.monotonic() - acquired)
                 handled += 1
                 if handled % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
+
+    async def _plan_takeover(self, partition: int) -> Takeover:
+        published = await read_position(self.positions, partition)
+        now_ns = time.time_ns()
+        start_ns = takeover_start_ns(self.config, now_ns)
+        if published is not None:
+            start_ns = min(start_ns, published.time_ns - replay_horizon_ns(self.config) - _SKEW_MARGIN_NS)
+        last = await self._last_sequence(partition, start_ns)
+        exact_from_ns = start_ns + replay_horizon_ns(self.config)
+        return Takeover(start_ns, last if published is None else min(last, published.seq), published, exact_from_ns)
+
+    async def _record_positions(self) -> None:
+        """Every lease interval: commit where the output of live partitions stands (see :mod:`streamd.positions`)."""
+        interval = self.cluster.lease_ttl_ns / 3e9
+        while True:
+            await asyncio.sleep(interval)
+            self._dispatch(everything=True)
+            committed = self.book.advance(flushed=not any(outbox.ticks for outbox in self.outboxes))
+            live = {p: pos for p, pos in committed.items() if p in self.readers and p not in self.replaying}
+            if live:
+                await write_positions(self.positions, live, interval)
 
     def _current(self, partition: int) -> bool:
         return self.readers.get(partition) is asyncio.current_task()
@@ -235,11 +320,11 @@ class ClusterReader(Ingest):
     def _reset_worker(self, worker: int, generation: int) -> None:
         """A replacement worker has no windows: every owned partition is taken over again, by replay."""
         super()._reset_worker(worker, generation)
+        self.book.reset()
         for partition, token in list(self.tokens.items()):
             self._stop_reading(partition)
             self._to_workers(encode_partition_dropped(partition))
-            self.tokens[partition] = token
-            self.readers[partition] = asyncio.create_task(self._follow(partition, token))
+            self._start_reading(partition, token)
 
     # shutdown ---------------------------------------------------------------------------
     def _stop_intake(self) -> None:
@@ -248,6 +333,8 @@ class ClusterReader(Ingest):
 
     async def _leave(self) -> None:
         """Stop reading, let the workers publish what we handed them, then release every lease."""
+        self.position_task.cancel()
+        owned = set(self.readers) - self.replaying
         for partition in list(self.readers):
             self._stop_reading(partition)
         if self.cancelled:
@@ -256,6 +343,8 @@ class ClusterReader(Ingest):
         deadline = time.monotonic() + self.config.shutdown.graceful_timeout_ns / 2e9
         while time.monotonic() < deadline and self._handed_unapplied():
             await asyncio.sleep(0.01)
+        final = {p: pos for p, pos in self.book.settled().items() if p in owned}
+        await write_positions(self.positions, final, 1.0)
         await self.leases.stop(release=True)
         for sock in self.outputs:
             sock.send_multipart(encode_end_of_input(self.index))
@@ -282,6 +371,7 @@ async def _run(reader: ClusterReader) -> None:
     reader.startup()
     await reader.join()
     await reader.serve()
+    reader.position_task.cancel()
     if reader.orphaned:
         await reader.leases.stop(release=False)
     if reader.cancelled:

@@ -277,6 +277,11 @@ class ClusterMetrics:
         self.reader_stalled = Counter(
             "streamd_cluster_reader_stalled_seconds_total", "Silence before those recreations.", registry=registry
         )
+        self.reader_failures = Counter(
+            "streamd_cluster_reader_failures_total",
+            "Partition readers that failed with an unexpected error and were started again (with a replay).",
+            registry=registry,
+        )
 
 
 @dataclass
