@@ -185,7 +185,7 @@ class ClusterConfig:
     partitions: int = 64  # fixed for the life of a deployment: it decides every key's partition
     replicas: int = 3
     name: str = field(default_factory=default_instance_name)
-    lease_ttl_ns: int = 3_000_000_000
+    lease_ttl_ns: int = 6_000_000_000  # above a JetStream election (about 5 s), so leases outlive one
     replay_horizon_ns: int = 60_000_000_000  # replay at least this far back on takeover (count windows rely on it)
 
 
