@@ -37,6 +37,8 @@ class KeyTable:
         self._dying: list[Int64Array] = []
         self._tables: dict[tuple[int, int], Int64Array] = {}
         self._used: dict[tuple[int, int], float] = {}  # per table: when a batch last used it
+        self._unclaimed: Int64Array = np.zeros(0, np.int64)  # restored indices, until retire_unclaimed
+        self._restored_at = 0.0
 
     @property
     def live(self) -> int:
@@ -67,10 +69,11 @@ class KeyTable:
         np.add.at(self._refs, local, 1)
         return new
 
-    def restore(self, keys: Sequence[str | int | None]) -> None:
+    def restore(self, keys: Sequence[str | int | None], now: float = 0.0) -> None:
         """Start from a checkpoint's keys: key ``i`` gets local index ``i`` (None: a free index).
 
-        Restored keys are mapped by no slot until an ingest announces them again (by name).
+        Restored keys are mapped by no slot until an ingest announces them again (by name);
+        :meth:`retire_unclaimed` lets go of those that no ingest announces (``now``: a monotonic time).
         """
         self.keys = np.empty(max(len(keys), 1), dtype=object)
         self.keys[: len(keys)] = keys
@@ -79,6 +82,25 @@ class KeyTable:
         self._refs = np.zeros(len(self.keys), np.int32)
         self._free = [index for index, key in enumerate(keys) if key is None]
         self._dying.clear()
+        self._unclaimed = np.fromiter(self._index.values(), np.int64, len(self._index))
+        self._restored_at = now
+
+    def retire_unclaimed(self, now: float, ttl: float) -> None:
+        """Restored keys no ingest announced within ``ttl`` seconds of the restore start dying.
+
+        No ingest holds their slots, so no ingest's ``key_ttl`` sweep would ever release them;
+        a key that went silent before the restart must not keep its state forever.
+        """
+        if not len(self._unclaimed) or now - self._restored_at < ttl:
+            return
+        candidates = self._unclaimed[self._refs[self._unclaimed] == 0]
+        self._unclaimed = np.zeros(0, np.int64)
+        keys = self.keys[candidates]
+        still_theirs = np.fromiter(map(self._index.get, keys.tolist(), repeat(_UNMAPPED)), np.int64, len(keys))
+        dead = candidates[still_theirs == candidates]
+        if len(dead):
+            deque(map(self._index.pop, self.keys[dead].tolist()), maxlen=0)
+            self._dying.append(dead)
 
     def indices(self, keys: Sequence[str | int]) -> Int64Array:
         """Local indices of known keys."""

@@ -267,7 +267,7 @@ class Worker:
             self._drain()
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
-            self._retire_replaced_ingests()
+            self._retire_orphaned_keys()
             self._maybe_checkpoint()
             self._on_control()
 
@@ -389,12 +389,15 @@ class Worker:
         self.metrics.keys.set(self.engine.n_keys)
         self.metrics.state_bytes.set(self.engine.memory_bytes())
 
-    def _retire_replaced_ingests(self) -> None:
-        """Keys only a dead ingest incarnation mapped are evicted a few seconds after its replacement."""
+    def _retire_orphaned_keys(self) -> None:
+        """Evict keys no live ingest will ever release: those only a dead ingest incarnation mapped
+        (a few seconds after its replacement), and restored ones no ingest announced within ``key_ttl``."""
         now = time.perf_counter()
         if now >= self.next_retire:
             self.next_retire = now + _RETIRE_EVERY_S
             self.table.retire_superseded(now, _RETIRE_GRACE_S)
+            if self.config.state.key_ttl_ns:
+                self.table.retire_unclaimed(now, self.config.state.key_ttl_ns / 1e9)
             self._evict(self.table.take_dying())
 
     def _settle(self, batches: list[WorkerBatch], ticks: int, late: int) -> None:
@@ -474,12 +477,14 @@ class Worker:
         self.replay = ReplayFilter(resume, applied)
 
     def _adopt(self, restored: Restored) -> None:
-        self.table.restore(restored.keys)
+        self.table.restore(restored.keys, time.perf_counter())
         for name, reason in self.engine.restore(restored.parts).items():
             self.log.warning(
                 "signal starts empty: its checkpointed state does not fit",
                 extra={"worker": self.index, "signal": name, "reason": reason},
             )
+        self.metrics.keys.set(self.engine.n_keys)
+        self.metrics.state_bytes.set(self.engine.memory_bytes())
         newest = restored.newest
         self.newest_event_ns = max(source.newest_event_ns for source in restored.sources)
         now = time.time_ns()

@@ -65,6 +65,31 @@ class TestKeyTable:
         table.learn(0, 0, [(0, 5), (1, "5")])
         assert table.keys[:2].tolist() == [5, "5"]
 
+    def test_restored_keys_no_ingest_announces_within_the_ttl_die_and_claimed_ones_stay(self) -> None:
+        """After a restart nothing else would release a restored key that never comes back."""
+        table = KeyTable()
+        table.restore(["A", None, "B", "C"], now=100.0)
+        table.learn(0, 0, [(0, "B")])  # B comes back: its restored index, claimed by slot 0
+        table.retire_unclaimed(now=104.0, ttl=5.0)
+        assert release(table) == []  # too early
+        table.retire_unclaimed(now=105.5, ttl=5.0)
+        assert release(table) == [0, 3]  # A and C
+        assert table.live == 1 and local_of(table, 0, [0]) == [2]
+        table.retire_unclaimed(now=200.0, ttl=5.0)
+        assert release(table) == []  # once only
+        assert table.learn(0, 0, [(1, "A")]) == ["A"]  # A returns as a new key, on a recycled index
+
+    def test_a_restored_key_released_before_the_ttl_is_not_released_twice(self) -> None:
+        table = KeyTable()
+        table.restore(["A", "B"], now=0.0)
+        table.learn(0, 0, [(0, "A")])
+        table.forget(0, 0, [0])  # A claimed, then evicted by its ingest: dying now
+        assert release(table) == [0]
+        table.learn(0, 0, [(1, "D")])  # D reuses A's index and holds it
+        table.retire_unclaimed(now=10.0, ttl=5.0)
+        assert release(table) == [1]  # only B
+        assert table.keys[0] == "D"
+
     def test_a_replaced_ingest_incarnation_is_retired_after_the_grace(self) -> None:
         """Keys only a dead incarnation mapped die once its successor is there and it stayed silent."""
         table = KeyTable()

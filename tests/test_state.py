@@ -146,6 +146,39 @@ def test_sigterm_writes_a_final_checkpoint_and_a_restart_resumes_every_window(tm
     assert check_records_against_pandas(after, ticks, daemon.config_path) == len(after)
 
 
+def test_restored_keys_that_never_come_back_are_evicted_after_key_ttl(tmp_path: Path) -> None:
+    """After a restart, checkpointed keys no ingest receives again are evicted once key_ttl has passed."""
+    base = 1_700_000_000_000_000_000
+    keys = [f"K{i}" for i in range(10)]
+    ticks = [{"k": k, "t": base + i * 1_000_000, "p": 10.0 + i, "q": 1.0} for i, k in enumerate(keys)]
+    state = tmp_path / "state"
+    with running_daemon(place(tmp_path, "one"), workers=2, extra_toml=state_toml(state, "1h")) as daemon:
+        feed(daemon.ingest, [msgpack.packb(tick) for tick in ticks])
+        daemon.wait_idle(20)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+    toml = state_toml(state, "1h").replace("[state]\n", '[state]\nkey_ttl = "2s"\n')
+    with running_daemon(place(tmp_path, "two"), workers=2, extra_toml=toml) as daemon:
+        assert "windows restored from checkpoint" in daemon.log()
+        assert daemon.metric("streamd_worker_keys") == len(keys)
+        sub = Subscriber(daemon)
+        sub.sync()
+        again = [{"k": "K0", "t": base + (100 + i) * 1_000_000, "p": 1.0, "q": 1.0} for i in range(60)]
+        sender = threading.Thread(target=send_ticks, args=(daemon.ingest, again, 1, 0.1))
+        sender.start()  # K0 keeps ticking for 6 s, through the TTL, so only the nine silent keys go
+        daemon.wait_for(  # the nine silent keys, and the subscriber's sync probe key
+            lambda: daemon.metric("streamd_keys_evicted_total") >= len(keys), what="evictions"
+        )
+        daemon.wait_for(lambda: daemon.metric("streamd_worker_keys") == 1, what="K0 the only key held")
+        evicted = daemon.metric("streamd_keys_evicted_total")
+        sender.join(20)
+        sub.collect(lambda: any(r["k"] == "K0" and r["signal"] == "c50" and r["count"] == 50 for r in sub.records))
+        counts = [r["count"] for r in sub.records if r["k"] == "K0" and r["signal"] == "t1h"]
+        sub.close()
+    assert evicted == len(keys)
+    assert max(counts) == 61  # K0 was never evicted: its restored window still holds its tick from before the restart
+
+
 def test_whole_daemon_kill_resumes_from_the_last_checkpoint_and_logs_the_lost_range(tmp_path: Path) -> None:
     """kill -9 of the supervisor: the next start resumes from the periodic checkpoint and says what was lost."""
     ticks = make_ticks(3_000, keys=10, seed=5)
