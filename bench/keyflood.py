@@ -175,7 +175,7 @@ def memory_under_flood(total: int, keys_per_s: float, ttl_s: float) -> Table:
         assert daemon.process is not None
         session = daemon.process.pid
         base = session_rss(session)
-        generators = start_generators([(flood_main, (daemon.ingest, 0, total, keys_per_s))])
+        generators = start_generators([(flood_main, (daemon.ingests[0], 0, total, keys_per_s))])
         started = time.monotonic()
         samples: list[tuple[float, int, int]] = []
         next_row = 0.0
@@ -264,9 +264,9 @@ def live_phase(daemon: Daemon, seconds: float, flood_rate: float | None, first_k
     """Live keys for ``seconds``, with a flood of new keys beside them (None: no flood; 0: unpaced)."""
     sub = start_subscriber(daemon.publish, "px1s.L", measure_latency=True, warmup_s=0.5)
     before = daemon_keys(daemon)
-    targets: list[tuple[Any, tuple[Any, ...]]] = [(live_main, (daemon.ingest,))]
+    targets: list[tuple[Any, tuple[Any, ...]]] = [(live_main, (daemon.ingests[0],))]
     if flood_rate is not None:
-        targets.append((flood_main, (daemon.ingest, first_key, 10**9, flood_rate)))
+        targets.append((flood_main, (daemon.ingests[0], first_key, 10**9, flood_rate)))
     generators = start_generators(targets)
     started = time.monotonic()
     time.sleep(seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamd.records import encode_batch_record, encode_record_payloads, record_head, topic_for
+from streamd.config import WINDOW_STATS
+from streamd.records import INTEGER_FIELDS, encode_batch_record, encode_record_payloads, record_head, topic_for
 from streamd.sharding import shard_for
 from streamd.transport import (
     EndOfInput,
@@ -93,29 +95,59 @@ def test_records_carry_topic_key_and_nil_for_undefined() -> None:
     assert second["k"] == 7 and second["std"] == 0.5 and isinstance(second["count"], int)
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False)
+Row = tuple[str | int, int, list[float | None]]
 
 
-@given(
-    st.lists(
-        st.tuples(keys, st.integers(0, 2**63 - 1), st.integers(0, 2**40), st.one_of(st.none(), finite), finite),
-        min_size=1,
-        max_size=30,
-    )
-)
-def test_fast_record_layout_equals_plain_msgpack(rows: list[tuple[str | int, int, int, float | None, float]]) -> None:
-    """The fixed-width fast path decodes to exactly what packing a dict would give."""
-    keys_, times, counts, stds, means = zip(*rows, strict=True)
-    stats = {
-        "count": np.array(counts, float),
-        "std": np.array([np.nan if s is None else s for s in stds]),
-        "mean": np.array(means),
-    }
-    heads = [record_head("sig", key, 3) for key in keys_]
-    payloads = encode_record_payloads(heads, np.array(times, np.int64), stats, 5)
-    for key, time_ns, count, std, mean, payload in zip(keys_, times, counts, stds, means, payloads, strict=True):
-        expected = {"signal": "sig", "k": key, "t": time_ns, "pub_ns": 5, "count": count, "std": std, "mean": mean}
-        assert msgpack.unpackb(payload, strict_map_key=False) == expected
+@st.composite
+def record_batches(draw: st.DrawFn, min_rows: int = 0) -> tuple[tuple[str, ...], list[Row]]:
+    """Field names (stats, maybe ``part``/``fence``) and rows with nil anywhere, as a new key's first records have."""
+    fields = st.sampled_from((*WINDOW_STATS, "part", "fence"))
+    names = tuple(draw(st.lists(fields, min_size=1, max_size=6, unique=True)))
+    number = st.floats(allow_nan=False, width=64)
+    value = {name: st.integers(0, 2**53) if name in INTEGER_FIELDS else number for name in names}
+    row = st.tuples(keys, st.integers(0, 2**63 - 1), st.tuples(*(st.one_of(st.none(), value[n]) for n in names)))
+    rows = draw(st.lists(row, min_size=min_rows, max_size=min_rows + 40))
+    return names, [(key, time_ns, list(values)) for key, time_ns, values in rows]
+
+
+def encode_rows(names: tuple[str, ...], rows: list[Row], pub_ns: int) -> list[bytes]:
+    """:func:`encode_record_payloads` of rows given as Python values (nil as NaN)."""
+    stats = {n: np.array([np.nan if r[2][i] is None else r[2][i] for r in rows], float) for i, n in enumerate(names)}
+    heads = [record_head("sig", key, len(names)) for key, _, _ in rows]
+    return encode_record_payloads(heads, np.array([r[1] for r in rows], np.int64), stats, pub_ns)
+
+
+def fixed_width_record(names: tuple[str, ...], row: Row, pub_ns: int) -> bytes:
+    """One record packed field by field: int64 times, uint64 integer fields, float64 stats, nil as 0xc0."""
+    key, time_ns, values = row
+    parts = [record_head("sig", key, len(names)), msgpack.packb("t"), struct.pack(">Bq", 0xD3, time_ns)]
+    parts += [msgpack.packb("pub_ns"), struct.pack(">Bq", 0xD3, pub_ns)]
+    for name, v in zip(names, values, strict=True):
+        if v is None:
+            value = b"\xc0"
+        else:
+            value = struct.pack(">BQ", 0xCF, v) if name in INTEGER_FIELDS else struct.pack(">Bd", 0xCB, v)
+        parts += [msgpack.packb(name), value]
+    return b"".join(parts)
+
+
+@given(record_batches(), st.integers(0, 2**62))
+def test_records_decode_like_a_packed_dict(batch: tuple[tuple[str, ...], list[Row]], pub_ns: int) -> None:
+    """Any batch size and nil pattern: each record decodes to the per-row dict, same field order and types."""
+    names, rows = batch
+    for row, payload in zip(rows, encode_rows(names, rows, pub_ns), strict=True):
+        key, time_ns, values = row
+        expected = {"signal": "sig", "k": key, "t": time_ns, "pub_ns": pub_ns} | dict(zip(names, values, strict=True))
+        decoded = msgpack.unpackb(payload, strict_map_key=False)
+        assert list(decoded.items()) == list(expected.items())
+        assert [type(v) for v in decoded.values()] == [type(v) for v in expected.values()]
+
+
+@given(record_batches(min_rows=16), st.integers(0, 2**62))
+def test_vectorised_records_are_fixed_width_msgpack(batch: tuple[tuple[str, ...], list[Row]], pub_ns: int) -> None:
+    """From 16 rows on, records with or without nils are byte for byte the fixed-width per-row packing."""
+    names, rows = batch
+    assert encode_rows(names, rows, pub_ns) == [fixed_width_record(names, row, pub_ns) for row in rows]
 
 
 def test_batch_record_is_columnar() -> None:
