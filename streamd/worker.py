@@ -82,6 +82,14 @@ class Throttle:
         self.last_emit[sent] = now_ns
         return SignalResult(sent, result.t[due], {name: col[due] for name, col in result.stats.items()})
 
+    def hold(self, result: SignalResult) -> None:
+        """Hold these rows (newest wins) to go out at the next interval, whatever was sent before."""
+        self._grow(int(result.slots.max()) + 1 if len(result.slots) else 0)
+        self.pending[result.slots] = True
+        self.pending_t[result.slots] = result.t
+        for row, name in enumerate(self.stats):
+            self.pending_values[row, result.slots] = result.stats[name]
+
     def release(self, slots: np.ndarray) -> SignalResult | None:
         """Forget these keys (they are evicted); return their held rows, which go out now."""
         slots = slots[slots < len(self.pending)]
@@ -159,6 +167,13 @@ class SignalPublisher:
     def forget(self, slots: np.ndarray) -> None:
         if self._throttle is not None:
             self._throttle.forget(slots)
+
+    def republish_held(self, result: SignalResult) -> None:
+        """Rows of ticks a dead predecessor applied: with ``emit_interval`` it may have held the newest
+        of them unsent, so each key's newest goes out again at the next interval (a duplicate at
+        worst); without, it sent every one of them already."""
+        if self._throttle is not None:
+            self._throttle.hold(result)
 
     def flush_due(self, keys: np.ndarray, *, everything: bool = False) -> None:
         if self._throttle is None:
@@ -371,9 +386,12 @@ class Worker:
         return slots, t, p, q
 
     def _apply_quietly(self, batches: list[WorkerBatch]) -> None:
-        """Replayed ticks a dead predecessor had applied, counted and published: rebuild the windows only."""
+        """Replayed ticks a dead predecessor had applied, counted and published: rebuild the windows,
+        and re-hold each key's newest row where ``emit_interval`` may have kept it unsent."""
         slots, t, p, q = self._columns(batches)
-        self.engine.process(slots, t, p, q)
+        results, _ = self.engine.process(slots, t, p, q)
+        for publisher, result in zip(self.publishers, results, strict=True):
+            publisher.republish_held(result if self.view is None else self.view.visible(result))
         self.newest_event_ns = max(self.newest_event_ns, int(t.max()))
         self.metrics.replayed_quietly.inc(len(t))
 

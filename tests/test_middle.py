@@ -153,6 +153,17 @@ class TestThrottle:
         assert due is not None
         assert (due.slots.tolist(), due.t.tolist(), due.stats["mean"].tolist()) == ([0], [12], [3.0])
 
+    def test_held_rows_of_a_replay_go_out_at_the_next_interval_even_if_sent_before(self) -> None:
+        """A replacement worker re-holds replayed rows: its predecessor may have held them unsent."""
+        throttle = Throttle(1_000, ("mean",))
+        sent = throttle.admit(SignalResult(np.array([0]), np.array([10]), {"mean": np.array([1.0])}), now_ns=5_000)
+        assert sent.slots.tolist() == [0]
+        throttle.hold(SignalResult(np.array([0, 2, 0]), np.array([10, 20, 11]), {"mean": np.array([1.0, 4.0, 2.0])}))
+        assert throttle.due(5_500) is not None  # key 2 was never sent: it is due at once
+        due = throttle.due(6_000)
+        assert due is not None
+        assert (due.slots.tolist(), due.t.tolist(), due.stats["mean"].tolist()) == ([0], [11], [2.0])
+
 
 class TestFlowControl:
     LATENCY = LatencyConfig(max_batch_delay_ns=1_000_000, max_batch_size=100)
