@@ -3,12 +3,16 @@
 ``python -m bench.overload [--sustainable TICKS_PER_S] [--seconds 60]``
 
 The daemon (2 workers, built-in signals, batch publish, default ``ingest.max_queue_bytes`` and
-``rcvhwm``; its own session, as under systemd) is fed columnar list batches of string keys by
-paced generators at 3x ``--sustainable`` (default: the sustained figure of the latest quick run's
-section (c)). A probe sends one tick of its own key every 50 ms throughout and times its record,
-before, during and after the burst. Printed: the offered and accepted rates (PUSH senders are
-pushed back: accepted < offered), the daemon's resident memory (all processes) against its bound,
-the books after the burst, and how long after the burst the probe's latency was back to normal.
+``rcvhwm``; its own session, as under systemd) is fed columnar list batches of string keys.
+First its capacity for that feed is measured (10 s unpaced, until idle again); sustainable is
+0.8x that (or ``--sustainable``). It then runs 20 s at the sustainable rate: the peak resident
+memory there is the baseline, since it holds the windows of a normal busy day (a 1 s window at
+millions of ticks/s is hundreds of MB, whatever the overload). Then 60 s at 3x sustainable.
+A probe sends one tick of its own key every 50 ms throughout and times its record. Printed: the
+offered and accepted rates (PUSH senders are pushed back: accepted < offered), the peak resident
+memory (all processes) against baseline + the input bounds (``max_queue_bytes`` + ``rcvhwm``
+messages), the books after the burst, and how long after the burst the probe's latency was back
+to its idle median.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bench.harness import Feed, SignalOptions, offer_load, running_daemon
+from bench.harness import Daemon, Feed, SignalOptions, offer_load, running_daemon
 from bench.report import RESULTS_DIR
 from bench.soak import daemon_rss
 
@@ -31,6 +35,7 @@ PROBE_KEY = "__overload_probe__"
 RCVHWM_MESSAGES = 1_000  # ingest.rcvhwm default
 MAX_QUEUE_BYTES = 256 << 20  # ingest.max_queue_bytes default
 MESSAGE_BYTES = 30_000  # a 1,000-tick list-column batch of string keys, about
+STEADY_S = 20.0  # at the sustainable rate first: the baseline holds the windows of a normal day
 
 
 class Probe:
@@ -86,24 +91,30 @@ def recovery_seconds(samples: list[tuple[float, float]], burst_end: float, norma
     return None
 
 
-def default_sustainable() -> float:
-    path = RESULTS_DIR / "latest-quick.json"
-    if path.exists():
-        cases = json.loads(path.read_text())["sections"]["daemon"]["tables"][0]["data"]
-        case = cases.get("list-str-10000-zipf-batch-1ep")
-        if case and case.get("sustained"):
-            return float(case["sustained"])
-    return 2_000_000.0
+def sample_rss(daemon: Daemon, rss: list[tuple[float, int]], seconds: float) -> None:
+    """Resident memory of every daemon process, every 0.5 s for ``seconds``."""
+    assert daemon.process is not None
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        rss.append((time.monotonic(), daemon_rss(daemon.process.pid)))
+        time.sleep(0.5)
+
+
+def measure_capacity(daemon: Daemon, feed: Feed, seconds: float) -> float:
+    """Ticks/s the daemon processes from this feed, unpaced: ticks sent over the time until it is idle again."""
+    started = time.monotonic()
+    load = offer_load(daemon.ingests, feed, 0, seconds, generators_per_endpoint=2)
+    daemon.wait_idle(120)
+    return float(load["ticks"]) / (time.monotonic() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--sustainable", type=float, default=None, help="ticks/s the daemon sustains (default: latest run)"
+        "--sustainable", type=float, default=None, help="ticks/s the daemon sustains (default: measured first)"
     )
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
-    sustainable = args.sustainable or default_sustainable()
     feed = Feed("list", 10_000)
     with running_daemon(2, SignalOptions("batch")) as daemon:
         assert daemon.process is not None
@@ -111,10 +122,19 @@ def main() -> None:
         probe.thread.start()
         rss: list[tuple[float, int]] = []
         started = time.monotonic()
-        while time.monotonic() - started < 5:
-            rss.append((time.monotonic(), daemon_rss(daemon.process.pid)))
-            time.sleep(0.5)
-        baseline_rss = max(r for _, r in rss)
+        sample_rss(daemon, rss, 5)
+        capacity = measure_capacity(daemon, feed, 10) if args.sustainable is None else args.sustainable / 0.8
+        sustainable = 0.8 * capacity
+        steady_start = len(rss)
+        steady = offer_load(
+            daemon.ingests,
+            feed,
+            sustainable,
+            STEADY_S,
+            generators_per_endpoint=2,
+            during=lambda: rss.append((time.monotonic(), daemon_rss(daemon.process.pid))),  # type: ignore[union-attr]
+        )
+        baseline_rss = max(r for _, r in rss[steady_start:])
         burst_start = time.monotonic()
         load = offer_load(
             daemon.ingests,
@@ -125,14 +145,14 @@ def main() -> None:
             during=lambda: rss.append((time.monotonic(), daemon_rss(daemon.process.pid))),  # type: ignore[union-attr]
         )
         burst_end = time.monotonic()
-        while time.monotonic() - burst_end < 15:
-            rss.append((time.monotonic(), daemon_rss(daemon.process.pid)))
-            time.sleep(0.5)
+        sample_rss(daemon, rss, 15)
         idle, books = daemon.wait_idle(120)
         probe.close()
-    normal = median_latency(probe.samples, started, burst_start)
+    normal = median_latency(probe.samples, started, started + 5)
     result: dict[str, Any] = {
-        "sustainable_ticks_per_s": sustainable,
+        "capacity_ticks_per_s": round(capacity),
+        "sustainable_ticks_per_s": round(sustainable),
+        "steady_accepted_ticks_per_s": steady.get("achieved"),
         "offered_ticks_per_s": load.get("offered"),
         "accepted_ticks_per_s": load.get("achieved"),
         "burst_s": args.seconds,
