@@ -9,9 +9,13 @@
   2 minutes, kill -9 of an ingest every 5 minutes. The daemon runs in its own session, as under
   systemd.
 - Checks: the daemon's resident memory (all its processes) sampled every 10 s, with the slope
-  after warm-up; the accounting identity; ticks lost (``worker_lost``, ``ingest_lost``); and the
-  last record of every key against :class:`streamd.windows.Engine` run once over every tick sent
-  (an uninterrupted run), within 1e-9 relative.
+  after warm-up; the accounting identity; ticks lost (``worker_lost``, ``ingest_lost``, and those
+  sent but never received: in a killed ingest's socket buffers); and the last record of every
+  key against :class:`streamd.windows.Engine` run once over every tick sent (an uninterrupted
+  run), within 1e-9 relative. Differences are classified: keys with ticks sent within 2 s of an
+  ingest kill, keys whose last tick came within 1 s before a worker kill, and the rest; and the
+  ``tw`` counts (which span the whole run) show whether the records are short by exactly the
+  ticks lost in transport.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def feed(endpoints: list[str], rate: int, seconds: float, out: str) -> None:
     born = LIVE_KEYS
     price = {int(k): 100.0 for k in live}
     per_batch = max(1, rate // 100)
-    sent: dict[str, list[np.ndarray]] = {"keys": [], "t": [], "p": [], "q": []}
+    sent: dict[str, list[np.ndarray]] = {"keys": [], "t": [], "p": [], "q": [], "sent_at": []}
     t_ns = time.time_ns()
     start = time.monotonic()
     step = 0
@@ -104,7 +108,8 @@ def feed(endpoints: list[str], rate: int, seconds: float, out: str) -> None:
                 sock.send(
                     encode_columnar_bin([n for n, m in zip(names, mine, strict=True) if m], t[mine], p[mine], q[mine])
                 )
-        for name, column in (("keys", keys), ("t", t), ("p", p), ("q", q)):
+        sent_at = np.full(per_batch, time.time(), np.float64)
+        for name, column in (("keys", keys), ("t", t), ("p", p), ("q", q), ("sent_at", sent_at)):
             sent[name].append(column)
         step += 1
         time.sleep(max(0.0, start + step / 100 - time.monotonic()))
@@ -169,6 +174,7 @@ class Chaos:
         self.proc = proc
         self.config_path = config_path
         self.faults = {"sighup": 0, "worker_kill": 0, "ingest_kill": 0}
+        self.kill_times: dict[str, list[float]] = {"worker_kill": [], "ingest_kill": []}  # wall clock
         self.next = {"sample": 0.0, "sighup": 0.0, "worker_kill": 120.0, "ingest_kill": 300.0}
         self.samples: list[tuple[float, int]] = []
         self.rng = random.Random(3)
@@ -187,6 +193,7 @@ class Chaos:
         for fault, prefix, every in (("worker_kill", "streamd-worker", 120), ("ingest_kill", "streamd-ingest", 300)):
             if elapsed >= self.next[fault] and (victims := children(self.proc.pid, prefix)):
                 os.kill(self.rng.choice(victims), signal.SIGKILL)
+                self.kill_times[fault].append(time.time())
                 self.faults[fault] += 1
                 self.next[fault] += every
 
@@ -197,17 +204,73 @@ def collect(sub: Any, last: dict[tuple[str, str], dict[str, Any]], wait_ms: int)
         last[record["signal"], record["k"]] = record
 
 
-def differing(reference: dict[tuple[str, str], dict[str, float]], last: dict[tuple[str, str], dict[str, Any]]) -> int:
-    """Keys whose last record differs from the uninterrupted reference (or never came)."""
-    count = 0
+def differing(
+    reference: dict[tuple[str, str], dict[str, float]], last: dict[tuple[str, str], dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """(signal, key) pairs whose last record differs from the uninterrupted reference (or never came)."""
+    out = []
     for name_key, expected in reference.items():
         got = last.get(name_key)
         if got is None or any(
             not np.isclose(np.nan if got[s] is None else got[s], v, rtol=1e-9, atol=1e-12, equal_nan=True)
             for s, v in expected.items()
         ):
-            count += 1
-    return count
+            out.append(name_key)
+    return out
+
+
+def keys_sent_near(ticks: Any, times: list[float], before: float, after: float) -> set[str]:
+    """Keys with a tick sent within [kill - before, kill + after] of any of ``times``."""
+    near = np.zeros(len(ticks["t"]), bool)
+    for at in times:
+        near |= (ticks["sent_at"] >= at - before) & (ticks["sent_at"] <= at + after)
+    return {f"S{k:07d}" for k in np.unique(ticks["keys"][near]).tolist()}
+
+
+def last_sent_near(ticks: Any, times: list[float], before: float) -> set[str]:
+    """Keys whose last tick was sent within ``before`` seconds ahead of one of ``times``."""
+    keys, index = np.unique(ticks["keys"][::-1], return_index=True)
+    last_at = ticks["sent_at"][::-1][index]
+    near = np.zeros(len(keys), bool)
+    for at in times:
+        near |= (last_at >= at - before) & (last_at <= at)
+    return {f"S{k:07d}" for k in keys[near].tolist()}
+
+
+def count_gap(
+    reference: dict[tuple[str, str], dict[str, float]],
+    last: dict[tuple[str, str], dict[str, Any]],
+    diffs: list[tuple[str, str]],
+    *,
+    short: bool,
+) -> int:
+    """Ticks missing from (or extra in) the final ``tw`` counts; ``tw`` spans the whole run in event time.
+
+    The feed's event times advance 1 ns a tick, so ``tw`` (2 s) holds every tick of its key: if
+    the records are short by exactly the ticks lost in transport, those are the whole difference.
+    """
+    gap = 0
+    for name, key in diffs:
+        if name == "tw":
+            got = int((last.get((name, key)) or {}).get("count") or 0)
+            want = int(reference[name, key]["count"])
+            gap += max(0, want - got) if short else max(0, got - want)
+    return gap
+
+
+def classify(diffs: list[tuple[str, str]], ticks: Any, chaos: Chaos) -> dict[str, int]:
+    """Why a final record may differ: ticks lost with an ingest, rows held by a killed worker, or neither."""
+    ingest = keys_sent_near(ticks, chaos.kill_times["ingest_kill"], 2.0, 2.0)
+    held = last_sent_near(ticks, chaos.kill_times["worker_kill"], 1.0)
+    counts = {"near_an_ingest_kill": 0, "last_tick_held_by_a_killed_worker": 0, "unexplained": 0}
+    for _, key in diffs:
+        if key in ingest:
+            counts["near_an_ingest_kill"] += 1
+        elif key in held:
+            counts["last_tick_held_by_a_killed_worker"] += 1
+        else:
+            counts["unexplained"] += 1
+    return counts
 
 
 def start(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Any]:
@@ -255,6 +318,10 @@ def main() -> None:
     ctx.term()
     ticks = np.load(work / "sent.npz")
     reference = reference_rows(ticks, work / "streamd.toml")
+    diffs = differing(reference, last)
+    explained = keys_sent_near(ticks, chaos.kill_times["ingest_kill"], 2.0, 2.0) | last_sent_near(
+        ticks, chaos.kill_times["worker_kill"], 1.0
+    )
     warm = [(t, r) for t, r in chaos.samples if t >= 300] or chaos.samples
     slope = np.polyfit([t / 60 for t, _ in warm], [r / 2**20 for _, r in warm], 1)[0] if len(warm) > 1 else 0.0
     result = {
@@ -268,11 +335,21 @@ def main() -> None:
         "faults": chaos.faults,
         "rss_slope_mib_per_min_after_5min": round(float(slope), 3),
         "keys_checked": len(reference),
-        "final_records_differing_from_reference": differing(reference, last),
+        "final_records_differing_from_reference": len(diffs),
+        "differing_by_cause": classify(diffs, ticks, chaos),
+        "unexplained_examples": [d for d in diffs if d[1] not in explained][:10],
+        "lost_in_transport": len(ticks["t"]) - final.get("streamd_ticks_received_total", 0.0),
+        "tw_counts_short_by": count_gap(reference, last, diffs, short=True),
+        "tw_counts_over_by": count_gap(reference, last, diffs, short=False),
+        "examples": [
+            {"signal": name, "key": key, "got": last.get((name, key)), "expected": reference[name, key]}
+            for name, key in diffs[:6]
+        ],
     }
     print(f"{'metric':<44} value")
     for name, value in result.items():
-        print(f"{name:<44} {value}")
+        if name != "examples":
+            print(f"{name:<44} {value}")
     result["rss_mib"] = [(round(t), round(r / 2**20, 1)) for t, r in chaos.samples]
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "soak-latest.json").write_text(json.dumps(result, indent=1))
