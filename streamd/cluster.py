@@ -53,6 +53,7 @@ _BYTES_PER_TICK = 32
 _YIELD_EVERY = 64  # deliveries handled before letting acks and timers run
 _CONNECT_TIMEOUT_S = 30.0
 _SKEW_MARGIN_NS = 1_000_000_000
+_REREAD_AFTER_S = 1.0  # a reader that failed is started again after this pause, not in a hot loop
 
 
 def takeover_start_ns(config: Config, now_ns: int) -> int:
@@ -187,13 +188,22 @@ class ClusterReader(Ingest):
         if task.cancelled() or task.exception() is None or self.readers.get(partition) is not task:
             return
         self.cluster_metrics.reader_failures.inc()
-        self.log.error(
-            "partition reader failed; taking the partition over again",
-            extra={"partition": partition, "token": token, "error": repr(task.exception())},
+        self.limited.warning(
+            "reader_failed",
+            "partition reader failed; taking the partition over again in a second",
+            partition=partition,
+            token=token,
+            error=repr(task.exception()),
         )
         self._stop_reading(partition)
         self._to_workers(encode_partition_dropped(partition))
-        self._start_reading(partition, token)
+        self.tokens[partition] = token
+        self.loop.call_later(_REREAD_AFTER_S, self._reread, partition, token)
+
+    def _reread(self, partition: int, token: int) -> None:
+        """Read a partition whose reader failed again, if it is still ours under the same term."""
+        if self.tokens.get(partition) == token and partition not in self.readers and not self.leaving:
+            self._start_reading(partition, token)
 
     def _stop_reading(self, partition: int) -> None:
         """Stop the reader: it is between two deliveries, so nothing of it is half handed over.
