@@ -262,14 +262,14 @@ class ClusterReader(Ingest):
                     await asyncio.sleep(0)
 
     async def _plan_takeover(self, partition: int) -> Takeover:
-        published = await read_position(self.positions, partition)
-        now_ns = time.time_ns()
-        start_ns = takeover_start_ns(self.config, now_ns)
+        """Ask for the published position and the partition's last message together (both wait out elections)."""
+        start_ns = takeover_start_ns(self.config, time.time_ns())
+        published, last = await asyncio.gather(read_position(self.positions, partition), self._last_message(partition))
         if published is not None:
             start_ns = min(start_ns, published.time_ns - replay_horizon_ns(self.config) - _SKEW_MARGIN_NS)
-        last = await self._last_sequence(partition, start_ns)
-        exact_from_ns = start_ns + replay_horizon_ns(self.config)
-        return Takeover(start_ns, last if published is None else min(last, published.seq), published, exact_from_ns)
+        catch_up = last.seq if last is not None and last.time_ns >= start_ns else 0
+        silent_until = catch_up if published is None else min(catch_up, published.seq)
+        return Takeover(start_ns, silent_until, published, start_ns + replay_horizon_ns(self.config))
 
     async def _record_positions(self) -> None:
         """Every lease interval: commit where the output of live partitions stands (see :mod:`streamd.positions`)."""
@@ -285,18 +285,18 @@ class ClusterReader(Ingest):
     def _current(self, partition: int) -> bool:
         return self.readers.get(partition) is asyncio.current_task()
 
-    async def _last_sequence(self, partition: int, start_ns: int) -> int:
-        """The partition's last stream sequence now, or 0 when the replay has nothing to catch up with."""
+    async def _last_message(self, partition: int) -> Position | None:
+        """The partition's last stream message now (sequence and time), None if it has none."""
         jsm = self.nc.jsm()
         while True:
             try:
                 last = await jsm.get_last_msg(TICKS_STREAM, ticks_subject(partition))
             except nats.js.errors.NotFoundError:
-                return 0
+                return None
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await asyncio.sleep(0.2)  # the stream is electing a leader: try again
                 continue
-            return int(last.seq or 0) if _epoch_ns(last.time) >= start_ns else 0
+            return Position(int(last.seq or 0), _epoch_ns(last.time))
 
     def _go_live(self, partition: int, token: int, seconds: float) -> None:
         self.replaying.discard(partition)

@@ -49,6 +49,7 @@ _MARGIN = 1 / 6  # of the TTL: how much sooner than the server a holder stops co
 _T = TypeVar("_T")
 _BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
 _RETRY_S = 0.25  # after a failed renewal round: retry this soon, to keep leases through a short election
+_VIEW_SETTLE_S = 1.0  # a young view waits this long (at most an interval): peers retry their heartbeats faster
 _ATTEMPT_S = 1.0  # longest wait for one bucket operation, so retries keep that pace while the bucket elects
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 
@@ -226,9 +227,10 @@ class LeaseManager:
         """Release what the assignment gives to others, then try to take the free partitions it gives us.
 
         Not while the view is young (just rebuilt, or the bucket just came back): peers' heartbeats
-        are not in it yet, and acting on it would take partitions only to hand them back.
+        are not in it yet (they retry every 0.25 s), and acting on it would take partitions only
+        to hand them back.
         """
-        if self.clock() - self._view_since < self.interval_s:
+        if self.clock() - self._view_since < min(self.interval_s, _VIEW_SETTLE_S):
             return
         wanted = assign(self.partitions, self._live_members(), self._current_owners())
         for partition in [p for p in self._held if wanted.get(p) != self.name]:
