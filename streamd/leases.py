@@ -314,9 +314,9 @@ class LeaseManager:
         """Keep ``_seen`` current from the bucket's watcher; wake a round when something changed.
 
         Our own heartbeat lands in the bucket every interval, so a watcher silent for one and a
-        half intervals has lost its consumer with the server that held it. nats-py's ordered consumer notices that
-        only after two of its fixed 5 s heartbeats and retries at that pace, while leases lapse in
-        3, so the watcher is recreated here instead.
+        half intervals has lost its consumer with the server that held it. nats-py's ordered
+        consumer notices that only after two of its fixed 5 s heartbeats and retries at that pace,
+        slower than a short lease lapses, so the watcher is recreated here instead.
         """
         entry = first
         while True:
@@ -329,7 +329,7 @@ class LeaseManager:
                 entry = await self._rewatch()
 
     async def _rewatch(self) -> KeyValue.Entry | None:
-        """A new watcher and a view rebuilt from scratch: until it is one interval old, no round acts on it."""
+        """A new watcher and a view rebuilt from scratch: until it has settled, no round acts on it."""
         if self._watcher is not None:
             with contextlib.suppress(*_NATS_ERRORS):
                 await self._bounded(self._watcher.stop())  # type: ignore[no-untyped-call]  # untyped in nats-py
