@@ -201,8 +201,10 @@ class Chaos:
                 self.next[fault] += every
 
 
-def collect(sub: Any, last: dict[tuple[str, str], dict[str, Any]], wait_ms: int) -> None:
-    while sub.poll(wait_ms):
+def collect(sub: Any, last: dict[tuple[str, str], dict[str, Any]], wait_ms: int, budget_s: float = 0.1) -> None:
+    """Keep each record's newest row; return after ``budget_s`` so the faults keep their schedule."""
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline and sub.poll(wait_ms):
         record = msgpack.unpackb(sub.recv_multipart()[-1], strict_map_key=False)
         last[record["signal"], record["k"]] = record
 
@@ -314,7 +316,7 @@ def main() -> None:
         collect(sub, last, 50)
         chaos.step(time.monotonic() - started)
     feeder.join()
-    collect(sub, last, 5000)
+    collect(sub, last, 5000, budget_s=float("inf"))
     final = scrape(ports["metrics"])
     stop_process(proc)
     sub.close(0)
