@@ -51,7 +51,7 @@ _BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
 _RETRY_S = 0.25  # after a failed renewal round: retry this soon, to keep leases through a short election
 _VIEW_SETTLE_S = 1.0  # a young view waits this long (at most an interval): peers retry their heartbeats faster
 _ATTEMPT_S = 1.0  # longest wait for one bucket operation, so retries keep that pace while the bucket elects
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
+NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)  # a bucket operation failed
 
 
 def rendezvous_score(member: str, partition: int) -> int:
@@ -186,11 +186,11 @@ class LeaseManager:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._watcher is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher untyped
         if release:
             await asyncio.gather(*(self._release(p) for p in list(self._held)))
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await self.kv.delete(_MEMBER + self.name)
 
     # the rounds ---------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class LeaseManager:
         """Rewrite our membership; the first success after failures makes the view young again."""
         try:
             await self._bounded(self.kv.put(_MEMBER + self.name, self.name.encode()))
-        except _NATS_ERRORS:
+        except NATS_ERRORS:
             self._view_since = float("inf")
             return False
         if self._view_since == float("inf"):
@@ -271,7 +271,7 @@ class LeaseManager:
             else:
                 self._drop(partition, "lost")
             return True
-        except _NATS_ERRORS:
+        except NATS_ERRORS:
             return False
         if self._held.get(partition) is held:
             held.revision = revision
@@ -282,7 +282,7 @@ class LeaseManager:
         sent = self.clock()
         try:
             revision = await self._bounded(self.kv.create(_LEASE + str(partition), self.name.encode()))
-        except _NATS_ERRORS:
+        except NATS_ERRORS:
             return  # somebody holds it still (or the cluster is busy): try again next round
         self._held[partition] = _Held(revision, revision, sent + self.ttl_s * (1 - _MARGIN))
         self._notify(LeaseEvent("acquired", partition, revision))
@@ -291,7 +291,7 @@ class LeaseManager:
         """Stop counting the lease first, then delete it at its revision so a successor can create it."""
         held = self._drop(partition, "released")
         if held is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await self._bounded(self.kv.delete(_LEASE + str(partition), last=held.revision))
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
@@ -331,13 +331,13 @@ class LeaseManager:
     async def _rewatch(self) -> KeyValue.Entry | None:
         """A new watcher and a view rebuilt from scratch: until it has settled, no round acts on it."""
         if self._watcher is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await self._bounded(self._watcher.stop())  # type: ignore[no-untyped-call]  # untyped in nats-py
         while True:
             try:
                 self._watcher = await self._bounded(self.kv.watchall())
                 break
-            except _NATS_ERRORS:
+            except NATS_ERRORS:
                 await asyncio.sleep(0.2)  # the bucket's stream is electing a leader
         self._seen.clear()
         self._view_since = self.clock()

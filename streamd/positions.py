@@ -28,9 +28,10 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from streamd.leases import NATS_ERRORS
+
 POSITIONS_BUCKET = "streamd_positions"
 _KEY = "pos."
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ async def read_position(kv: KeyValue, partition: int) -> Position | None:
             entry = await asyncio.wait_for(kv.get(_KEY + str(partition)), 2)
         except nats.js.errors.KeyNotFoundError:
             return None
-        except _NATS_ERRORS:
+        except NATS_ERRORS:
             await asyncio.sleep(0.2)
             continue
         seq, time_ns = (int(x) for x in (entry.value or b"0 0").split())
@@ -115,7 +116,7 @@ async def write_positions(kv: KeyValue, positions: dict[int, Position], timeout:
 
     async def put(partition: int, position: Position) -> None:
         value = f"{position.seq} {position.time_ns}".encode()
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*NATS_ERRORS):
             await asyncio.wait_for(kv.put(_KEY + str(partition), value), timeout)
 
     await asyncio.gather(*(put(partition, position) for partition, position in positions.items()))
