@@ -56,6 +56,20 @@ async def connect(servers: list[str], name: str) -> Client:
     return await nats.connect(servers, name=name, reconnect_time_wait=0.2, max_reconnect_attempts=-1, connect_timeout=2)
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    Once is not always enough: Python 3.11's ``asyncio.wait_for`` (nats-py's watcher and our
+    bounded operations are built on it) swallows a cancellation that lands just as its inner
+    wait completes, and the task runs on. So it is cancelled again until it ends.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+
+
 async def ensure_ticks_stream(
     js: JetStreamContext, replicas: int, retention_s: float = DEFAULT_RETENTION_S
 ) -> StreamInfo:
@@ -194,9 +208,7 @@ class PartitionPublisher:
         await asyncio.gather(*(event.wait() for event in self._idle))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
 
     async def _drain(self, partition: int) -> None:
         buffer = self._buffers[partition]

@@ -42,6 +42,8 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from streamd.jetstream import cancel_and_wait
+
 LEASES_BUCKET = "streamd_leases"
 _MEMBER = "member."
 _LEASE = "lease."
@@ -51,6 +53,7 @@ _BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
 _RETRY_S = 0.25  # after a failed renewal round: retry this soon, to keep leases through a short election
 _VIEW_SETTLE_S = 1.0  # a young view waits this long (at most an interval): peers retry their heartbeats faster
 _ATTEMPT_S = 1.0  # longest wait for one bucket operation, so retries keep that pace while the bucket elects
+_WRONG_REVISION = (10071, 10164)  # JetStream's "wrong last sequence" codes: nats-py raises them raw from delete
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError)  # a bucket operation failed
 
 
@@ -181,10 +184,7 @@ class LeaseManager:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self, *, release: bool = True) -> None:
-        for task in (self._task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([task for task in (self._task, self._watch_task) if task is not None])
         if self._watcher is not None:
             with contextlib.suppress(*NATS_ERRORS):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher untyped
@@ -220,8 +220,10 @@ class LeaseManager:
                 next_renewal = started + (self.interval_s if all(done) else _RETRY_S)
             self._wakeup.clear()
             await self._rebalance()
+            settles = self._view_settled_at()
+            wake_at = min(next_renewal, settles) if settles > self.clock() else next_renewal
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_renewal - self.clock()))
+                await asyncio.wait_for(self._wakeup.wait(), max(0.0, wake_at - self.clock()))
 
     async def _rebalance(self) -> None:
         """Release what the assignment gives to others, then try to take the free partitions it gives us.
@@ -230,13 +232,17 @@ class LeaseManager:
         are not in it yet (they retry every 0.25 s), and acting on it would take partitions only
         to hand them back.
         """
-        if self.clock() - self._view_since < min(self.interval_s, _VIEW_SETTLE_S):
+        if self.clock() < self._view_settled_at():
             return
         wanted = assign(self.partitions, self._live_members(), self._current_owners())
         for partition in [p for p in self._held if wanted.get(p) != self.name]:
             await self._release(partition)
         free = [p for p, m in wanted.items() if m == self.name and p not in self._held and self._is_free(p)]
         await asyncio.gather(*(self._acquire(p) for p in free))
+
+    def _view_settled_at(self) -> float:
+        """When the view may be acted on: the first round after that instant rebalances."""
+        return self._view_since + min(self.interval_s, _VIEW_SETTLE_S)
 
     def _expire_own(self) -> None:
         now = self.clock()
@@ -288,11 +294,25 @@ class LeaseManager:
         self._notify(LeaseEvent("acquired", partition, revision))
 
     async def _release(self, partition: int) -> None:
-        """Stop counting the lease first, then delete it at its revision so a successor can create it."""
+        """Stop counting the lease first, then delete it at its revision so a successor can create it.
+
+        A renewal cut short (its ack timed out, or ``stop`` cancelled it in flight) may still have
+        landed, leaving our revision stale: then the lease is read back and, if it is still ours,
+        deleted at the revision it has. Otherwise successors would wait out the whole TTL.
+        """
         held = self._drop(partition, "released")
-        if held is not None:
-            with contextlib.suppress(*NATS_ERRORS):
-                await self._bounded(self.kv.delete(_LEASE + str(partition), last=held.revision))
+        if held is None:
+            return
+        key = _LEASE + str(partition)
+        with contextlib.suppress(*NATS_ERRORS):
+            try:
+                await self._bounded(self.kv.delete(key, last=held.revision))
+            except nats.js.errors.BadRequestError as error:
+                if error.err_code not in _WRONG_REVISION:
+                    raise
+                entry = await self._bounded(self.kv.get(key))
+                if entry.value == self.name.encode() and entry.revision is not None:
+                    await self._bounded(self.kv.delete(key, last=entry.revision))
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
         """A lease operation may take at most one heartbeat interval: a round must not outlive a lease."""

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import nats.js.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -138,3 +139,31 @@ def test_managers_balance_hand_over_and_take_over_without_overlap(tmp_path: Path
     with nats_cluster(tmp_path, size=3) as cluster:
         figures = asyncio.run(asyncio.wait_for(lease_scenario(cluster.urls, partitions=24, ttl=2.0), 70))
     print("lease figures (s):", {k: round(v, 2) for k, v in figures.items()})
+
+
+async def release_after_unrecorded_renewal(urls: list[str]) -> list[bytes | None]:
+    """A renewal that landed but whose ack never came back (cut short by ``stop``), then a graceful stop."""
+    nc = await connect(urls, "m-stale")
+    manager = LeaseManager(nc, "stale", 2, 30.0, replicas=1)  # a 10 s heartbeat: no renewal of its own
+    await manager.start()
+    await until(lambda: len(manager.owned()) == 2, 20)
+    for partition in manager.owned():
+        entry = await manager.kv.get(f"lease.{partition}")
+        await manager.kv.update(f"lease.{partition}", b"stale", last=entry.revision)
+    await manager.stop()
+    left = []
+    for partition in range(2):
+        try:
+            left.append((await manager.kv.get(f"lease.{partition}")).value)
+        except nats.js.errors.KeyNotFoundError:  # deleted (KeyDeletedError is a subclass)
+            left.append(None)
+    await nc.close()
+    return left
+
+
+@pytest.mark.timeout(60)
+def test_a_graceful_stop_frees_leases_whose_last_renewal_was_never_acknowledged(tmp_path: Path) -> None:
+    """Otherwise the stale revision fails the delete and successors wait out the whole TTL."""
+    with nats_cluster(tmp_path, size=1) as cluster:
+        left = asyncio.run(asyncio.wait_for(release_after_unrecorded_renewal(cluster.urls), 40))
+    assert left == [None, None]
