@@ -71,7 +71,8 @@ def streamd_flush(router: KeyRouter, outboxes: list[Outbox]) -> Callable[[list[b
 
     def run(payloads: list[bytes]) -> None:
         router.split(decode_payloads(payloads, router.codes), outboxes)
-        for outbox in outboxes:
+        for worker, outbox in enumerate(outboxes):
+            router.admit(worker, outbox, len(outbox.fresh_keys))
             outbox.new_keys.clear()
 
     return run

@@ -9,6 +9,13 @@ Flow control decides when a worker's buffer leaves: at once if the worker has ap
 everything this ingest handed it (it is idle), otherwise when the worker acks its current
 work, so a busy worker gets one larger batch instead of a queue of small ones.
 ``latency.max_batch_size`` and ``latency.max_batch_delay`` bound the wait either way.
+
+New keys cost a worker several times what a tick of a known key does, so they have a lane of
+their own: their ticks wait in the outbox's fresh lane and go, at most ``_FRESH_KEYS_PER_BATCH``
+keys at a time, when the worker is idle (or has let them wait ``_FRESH_PATIENCE_NS``). A flood of
+new keys then takes the workers' spare capacity and no more, and keys already flowing keep
+their latency. Past a backlog of a quarter of ``ingest.max_queue_bytes`` new keys are refused
+(``new_key_backlog``) rather than let the fresh lane grow.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from streamd.ledger import TickLedger
 from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
 from streamd.protocol import DecodedTicks, decode_payloads
-from streamd.router import KeyRouter, Outbox
+from streamd.router import Columns, KeyRouter, Outbox, WorkerTicks, concatenated, select
 from streamd.runtime import RuntimePaths, StartupError, die_with_parent, name_process
 from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_of_input
 
@@ -44,6 +51,11 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: converting the flag enum on every re
 _DRAIN_BYTES = 4 << 20  # payload bytes per wake-up: bounds decode chunks when messages are big batches
 _BYTES_PER_TICK = 32  # slot, time, price and quantity: what a held tick costs in outboxes and queues
 EPOCH_NS = 1_000_000  # the unit of a key's last-seen time: a millisecond of the monotonic clock
+_FRESH_KEYS_PER_BATCH = 1_000  # new keys per batch: a few ms of a worker's time, the most a known key waits
+_FRESH_PATIENCE_NS = 100_000_000  # a worker never idle still gets new keys at least this often
+
+
+_NO_TICKS: Columns = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 
 def sweep_interval_ns(key_ttl_ns: int) -> int:
@@ -92,6 +104,17 @@ def send_now(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int
         or outbox.ticks >= latency.max_batch_size
         or now_ns >= outbox.oldest_ns + latency.max_batch_delay_ns
     )
+
+
+def leaves_by(outbox: Outbox, latency: LatencyConfig) -> int:
+    """When an outbox leaves even though its worker is still busy: its known lane after
+    ``max_batch_delay``, its fresh lane after ``_FRESH_PATIENCE_NS``."""
+    dues = []
+    if outbox.ticks or outbox.gone:
+        dues.append(outbox.oldest_ns + latency.max_batch_delay_ns)
+    if outbox.fresh_keys:
+        dues.append(outbox.fresh_oldest_ns + _FRESH_PATIENCE_NS)
+    return min(dues)
 
 
 class Ingest:
@@ -245,29 +268,44 @@ class Ingest:
 
     def _route(self, decoded: DecodedTicks, recv_ns: int) -> None:
         router = self.router
+        backlog = sum(outbox.fresh_ticks for outbox in self.outboxes)
+        router.accept_new = backlog < self.config.ingest.max_queue_bytes // (4 * _BYTES_PER_TICK)
         for worker, part in enumerate(router.split(decoded, self.outboxes)):
             if len(part.t):
-                self._buffer(worker, *part, recv_ns)
+                self._buffer(worker, part, recv_ns)
         if router.rejected_ticks:
-            self.metrics.ticks_dropped.labels("key_limit").inc(router.rejected_ticks)
             self.ledger.buffer(self.index, -router.rejected_ticks)
-            self.limited.warning(
-                "key_limit",
-                "state.max_keys reached: ticks of new keys dropped, known keys keep flowing",
-                ticks=router.rejected_ticks,
-                keys=router.rejected_keys,
-                limit=router.max_keys,
-            )
+            if router.accept_new:
+                self.metrics.ticks_dropped.labels("key_limit").inc(router.rejected_ticks)
+                self.limited.warning(
+                    "key_limit",
+                    "state.max_keys reached: ticks of new keys dropped, known keys keep flowing",
+                    ticks=router.rejected_ticks,
+                    keys=router.rejected_keys,
+                    limit=router.max_keys,
+                )
+            else:
+                self.metrics.ticks_dropped.labels("new_key_backlog").inc(router.rejected_ticks)
+                self.limited.warning(
+                    "new_key_backlog",
+                    "new keys arrive faster than the workers take them: ticks of new keys dropped",
+                    ticks=router.rejected_ticks,
+                    keys=router.rejected_keys,
+                    backlog_ticks=backlog,
+                )
         self.metrics.keys.set(router.live_keys)
 
-    def _buffer(
-        self, worker: int, slots: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray, recv_ns: int
-    ) -> None:
+    def _buffer(self, worker: int, part: WorkerTicks, recv_ns: int) -> None:
+        """Ticks of known keys join the known lane; those of pending keys the fresh lane."""
         outbox = self.outboxes[worker]
-        if not outbox.ticks:
-            outbox.oldest_ns = recv_ns
-        outbox.parts.append((slots, t, p, q))
-        outbox.ticks += len(t)
+        slots, t, p, q, pending = part
+        if pending is None:
+            outbox.add((slots, t, p, q), recv_ns)
+            return
+        known = ~pending
+        if known.any():
+            outbox.add(select((slots, t, p, q), known), recv_ns)
+        outbox.add(select((slots, t, p, q), pending), recv_ns, fresh=True)
 
     # flow control: when a worker's outbox leaves ------------------------------------------
     def _dispatch(self, *, everything: bool = False) -> None:
@@ -276,14 +314,21 @@ class Ingest:
         now = time.time_ns()
         next_deadline = 0
         for worker, outbox in enumerate(self.outboxes):
-            if not outbox.ticks and not outbox.gone:
+            if not outbox.ticks and not outbox.gone and not outbox.fresh_keys:
                 continue
-            if everything or send_now(outbox, self.ledger.in_flight(self.index, worker), latency, now):
-                self._send(worker, outbox)
+            in_flight = self.ledger.in_flight(self.index, worker)
+            starving = bool(outbox.fresh_keys) and now >= outbox.fresh_oldest_ns + _FRESH_PATIENCE_NS
+            if everything:
+                self._send(worker, outbox, len(outbox.fresh_keys))
+            elif in_flight <= 0 or starving:
+                self._send(worker, outbox, _FRESH_KEYS_PER_BATCH)
+            elif (outbox.ticks or outbox.gone) and send_now(outbox, in_flight, latency, now):
+                self._send(worker, outbox, 0)
             else:
-                due = outbox.oldest_ns + latency.max_batch_delay_ns
+                due = leaves_by(outbox, latency)
                 next_deadline = min(next_deadline or due, due)
         self._arm_deadline(next_deadline)
+        self.metrics.new_key_backlog.set(sum(outbox.fresh_ticks for outbox in self.outboxes))
 
     def _arm_deadline(self, deadline_ns: int) -> None:
         if self.deadline_handle is not None:
@@ -329,17 +374,27 @@ class Ingest:
             self._dispatch()
             self._check_overload()
 
-    def _send(self, worker: int, outbox: Outbox) -> None:
-        """Send the outbox in batches of at most ``max_batch_size`` ticks; released slots go with the last."""
-        columns = [np.concatenate(c) if len(outbox.parts) > 1 else c[0] for c in zip(*outbox.parts, strict=True)]
-        if not columns:
-            columns = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0)]
-        self.outboxes[worker] = Outbox()
+    def _send(self, worker: int, outbox: Outbox, fresh_keys: int) -> None:
+        """Send the known lane and up to ``fresh_keys`` keys of the fresh lane, in batches of at most
+        ``max_batch_size`` ticks; admitted keys are announced in the first, released slots go with the last."""
+        parts: list[Columns] = list(outbox.parts)
+        admitted = self.router.admit(worker, outbox, fresh_keys) if fresh_keys else None
+        if admitted is not None and len(admitted[1]):
+            parts.append(admitted)
+        columns = concatenated(parts) if parts else _NO_TICKS
+        ticks = len(columns[1])
+        oldest_ns = outbox.oldest_ns if outbox.ticks else outbox.fresh_oldest_ns
+        self.outboxes[worker] = Outbox(
+            fresh_parts=outbox.fresh_parts,
+            fresh_ticks=outbox.fresh_ticks,
+            fresh_oldest_ns=outbox.fresh_oldest_ns,
+            fresh_keys=outbox.fresh_keys,
+        )
         size = self.config.latency.max_batch_size
         new_keys = outbox.new_keys
-        for start in range(0, max(outbox.ticks, 1), size):
+        for start in range(0, max(ticks, 1), size):
             slots, t, p, q = (column[start : start + size] for column in columns)
-            gone = outbox.gone if start + size >= outbox.ticks else []
+            gone = outbox.gone if start + size >= ticks else []
             seq = self.ledger.handed(self.index, worker)
             batch = WorkerBatch(
                 slots,
@@ -347,7 +402,7 @@ class Ingest:
                 p,
                 q,
                 new_keys,
-                outbox.oldest_ns,
+                oldest_ns,
                 self.index,
                 self.start.generation,
                 self.generations[worker],

@@ -78,6 +78,12 @@ class IngestMetrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.new_key_backlog = Gauge(
+            "streamd_ingest_new_key_backlog_ticks",
+            "Ticks of new keys waiting for their worker to have room (the fresh lane), after each dispatch.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
         self.keys_released = Counter(
             "streamd_ingest_keys_released_total",
             "Keys an ingest stopped routing after state.key_ttl of silence (their slots announced gone).",

@@ -7,6 +7,11 @@ worker with each tick; the key itself travels once, announced in the first batch
 Per flush, the ingest passes :attr:`KeyRouter.codes` to :func:`streamd.protocol.decode_payloads`,
 which looks every key up while it validates it, then hands the result to :meth:`KeyRouter.split`:
 a known key is looked up once per tick, in the decoder, and never again.
+
+A new key is *pending* until its worker is told about it: its ticks wait in the outbox's fresh
+lane, and keys leave that lane only as fast as the worker has room (:meth:`KeyRouter.admit`).
+So a flood of new keys cannot queue ahead of the keys the worker already computes, and every
+later tick of a pending key joins it in the fresh lane, behind its earlier ones.
 """
 
 from __future__ import annotations
@@ -26,24 +31,48 @@ _FREE = np.iinfo(np.int64).max  # last_seen of a code no key holds: never silent
 _MAX_WORKERS_BY_MASK = 4
 
 
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # slots, t, p, q
+
+
 @dataclass
 class Outbox:
-    """Ticks buffered for one worker, and keys it has not been told about yet."""
+    """Ticks buffered for one worker, in two lanes.
 
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    The known lane holds ticks of keys the worker knows, or learns from ``new_keys`` in the
+    next batch; the fresh lane holds ticks of pending keys (announced in ``fresh_keys``, in
+    first-seen order), which leave when :meth:`KeyRouter.admit` lets their keys go.
+    """
+
+    parts: list[Columns] = field(default_factory=list)
     ticks: int = 0
     oldest_ns: int = 0  # wall clock when the oldest buffered tick was received
     new_keys: list[tuple[int, str | int]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)  # slots released since the last batch (after its ticks)
+    fresh_parts: list[Columns] = field(default_factory=list)
+    fresh_ticks: int = 0
+    fresh_oldest_ns: int = 0
+    fresh_keys: list[tuple[int, str | int]] = field(default_factory=list)
+
+    def add(self, columns: Columns, recv_ns: int, *, fresh: bool = False) -> None:
+        if fresh:
+            self.fresh_oldest_ns = self.fresh_oldest_ns if self.fresh_ticks else recv_ns
+            self.fresh_parts.append(columns)
+            self.fresh_ticks += len(columns[1])
+        else:
+            self.oldest_ns = self.oldest_ns if self.ticks else recv_ns
+            self.parts.append(columns)
+            self.ticks += len(columns[1])
 
 
 class WorkerTicks(NamedTuple):
-    """One worker's share of a flush, in arrival order: its slots and the tick columns."""
+    """One worker's share of a flush, in arrival order: its slots, the tick columns, and which
+    ticks belong to pending keys (None: none of them)."""
 
     slots: Int64Array
     t: Int64Array
     p: Float64Array
     q: Float64Array
+    pending: np.ndarray | None = None
 
 
 class KeyRouter:
@@ -65,12 +94,14 @@ class KeyRouter:
         self.max_keys = max_keys
         self.codes: dict[str | int, int] = {}
         self.next_slot = [0] * workers
-        self.rejected_ticks = 0  # ticks of keys beyond max_keys in the last split/route
+        self.rejected_ticks = 0  # ticks of keys beyond max_keys (or refused new keys) in the last split/route
+        self.accept_new = True  # False: new keys are refused like keys beyond max_keys (a full fresh lane)
         self.rejected_keys = 0
         self.epoch = 0  # the coarse clock of last_seen, set by the caller before each sweep
         self._free_slots: list[list[int]] = [[] for _ in range(workers)]
         self._releasing: list[dict[int, str | int]] = [{} for _ in range(workers)]
         self._last_seen = np.zeros(0, np.int64)  # per code: epoch of its newest tick
+        self._pending = np.zeros(0, bool)  # per code: a new key its worker has not been told about
         self._key_of = np.empty(0, dtype=object)  # per code: its key (None when free)
 
     @property
@@ -96,11 +127,32 @@ class KeyRouter:
             kept = codes >= 0
             codes, t, p, q = codes[kept], t[kept], p[kept], q[kept]
         self._touch(codes)
+        pending = any_of(self._pending[codes])
         if self.workers == 1:
-            return [WorkerTicks(codes, t, p, q)]
+            return [WorkerTicks(codes, t, p, q, pending)]
         workers = codes % self.workers
         slots = codes // self.workers
-        return [WorkerTicks(slots[mine], t[mine], p[mine], q[mine]) for mine in self._ticks_by_worker(workers)]
+        return [
+            WorkerTicks(slots[mine], t[mine], p[mine], q[mine], None if pending is None else any_of(pending[mine]))
+            for mine in self._ticks_by_worker(workers)
+        ]
+
+    def admit(self, worker: int, outbox: Outbox, keys: int) -> Columns | None:
+        """Let up to ``keys`` pending keys of ``worker`` go: their announcements move to ``new_keys``
+        and their ticks (all of them, in order) are returned; the rest stay in the fresh lane."""
+        admitted, outbox.fresh_keys = outbox.fresh_keys[:keys], outbox.fresh_keys[keys:]
+        if not admitted:
+            return None
+        outbox.new_keys.extend(admitted)
+        slots = np.fromiter((slot for slot, _ in admitted), np.int64, len(admitted))
+        self._pending[slots * self.workers + worker] = False
+        if not outbox.fresh_parts:
+            return None
+        columns = concatenated(outbox.fresh_parts)
+        still = self._pending[columns[0] * self.workers + worker]
+        outbox.fresh_parts = [select(columns, still)] if still.any() else []
+        outbox.fresh_ticks = int(np.count_nonzero(still))
+        return select(columns, ~still)
 
     def announcement(self, worker: int) -> list[tuple[int, str | int]]:
         """Every ``(slot, key)`` of ``worker``: what its replacement must be told before any tick.
@@ -120,7 +172,7 @@ class KeyRouter:
         then hands it back through :meth:`recycle`.
         """
         top = len(self._key_of)
-        silent = np.flatnonzero(self._last_seen[:top] < older_than)
+        silent = np.flatnonzero((self._last_seen[:top] < older_than) & ~self._pending[:top])
         if not len(silent):
             return 0
         keys = self._key_of[silent].tolist()
@@ -174,8 +226,8 @@ class KeyRouter:
         Returns the codes of the keys it took (a small dict, cheaper to look up than all codes).
         """
         self.rejected_keys = 0
-        if self.max_keys:
-            room = max(0, self.max_keys - len(self.codes))
+        if not self.accept_new or self.max_keys:
+            room = max(0, self.max_keys - len(self.codes)) if self.accept_new else 0
             self.rejected_keys = max(0, len(fresh) - room)
             fresh = fresh[:room]
         if not fresh:
@@ -188,7 +240,7 @@ class KeyRouter:
                 continue
             slots = self._take_slots(worker, len(mine))
             codes[mine] = slots * self.workers + worker
-            outboxes[worker].new_keys.extend(zip(slots.tolist(), map(fresh.__getitem__, mine.tolist()), strict=True))
+            outboxes[worker].fresh_keys.extend(zip(slots.tolist(), map(fresh.__getitem__, mine.tolist()), strict=True))
         taken = dict(zip(fresh, codes.tolist(), strict=True))
         self.codes.update(taken)
         self._remember(codes, fresh)
@@ -212,9 +264,12 @@ class KeyRouter:
             key_of[: len(self._key_of)] = self._key_of
             last_seen = np.full(size, _FREE, np.int64)
             last_seen[: len(self._last_seen)] = self._last_seen
-            self._key_of, self._last_seen = key_of, last_seen
+            pending = np.zeros(size, bool)
+            pending[: len(self._pending)] = self._pending
+            self._key_of, self._last_seen, self._pending = key_of, last_seen, pending
         self._key_of[codes] = keys
         self._last_seen[codes] = self.epoch
+        self._pending[codes] = True
 
     def _ticks_by_worker(self, workers: Int64Array) -> list[Int64Array]:
         """Per worker, the indices of its ticks in arrival order."""
@@ -223,3 +278,21 @@ class KeyRouter:
         order = np.argsort(workers.astype(np.uint16), kind="stable")
         bounds = np.searchsorted(workers[order], np.arange(self.workers + 1)).tolist()
         return [order[start:end] for start, end in pairwise(bounds)]
+
+
+def concatenated(parts: list[Columns]) -> Columns:
+    """The parts' columns joined in order (no copy for a single part)."""
+    if len(parts) == 1:
+        return parts[0]
+    slots, t, p, q = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return slots, t, p, q
+
+
+def select(columns: Columns, mask: np.ndarray) -> Columns:
+    slots, t, p, q = columns
+    return slots[mask], t[mask], p[mask], q[mask]
+
+
+def any_of(mask: np.ndarray) -> np.ndarray | None:
+    """``mask``, or None when nothing in it is set (the common case, cheaper to test downstream)."""
+    return mask if mask.any() else None

@@ -8,8 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import msgpack
+import numpy as np
+import pytest
 
-from tests.helpers import Daemon, Subscriber, feed, running_daemon
+from streamd.protocol import encode_columnar_bin
+from tests.helpers import Daemon, Subscriber, accounting, feed, running_daemon
 
 COUNT_SIGNAL = """
 [[signal]]
@@ -53,9 +56,11 @@ def test_silent_keys_are_evicted_and_come_back_empty(tmp_path: Path) -> None:
         silent = [f"S{i}" for i in range(20)]
         live = [f"L{i}" for i in range(4)]
         feed(daemon.ingest, [ticks_of(silent)] * 3)
+        # Under load the feeds may merge into fewer batches, so wait for the counts, not a number of records.
+        # Two endpoints do not order a key's ticks between them: the second feeds once the first is applied.
+        sub.collect(lambda: {r["k"]: r["count"] for r in sub.records if r["k"] in silent} == dict.fromkeys(silent, 3))
         feed(daemon.ingests[1], [ticks_of(silent[:5])])
         final = {key: 4 if key in silent[:5] else 3 for key in silent}
-        # Under load the four feeds may merge into fewer batches, so wait for the counts, not a number of records.
         sub.collect(lambda: {r["k"]: r["count"] for r in sub.records if r["k"] in final} == final)
         sent: dict[str, int] = defaultdict(int)
         stop = threading.Event()
@@ -107,3 +112,66 @@ def test_new_keys_beyond_max_keys_are_dropped_and_known_keys_flow(tmp_path: Path
     counts = [r["count"] for r in sub.records if r["k"] == "A"]  # feeds merged under load give fewer records
     assert counts[-1] == 3 and counts == sorted(counts)
     assert not any(r["k"] in ("D", "E") for r in sub.records)
+
+
+def blocks_of_new_keys(blocks: int, size: int, t0: int) -> tuple[list[bytes], dict[str, int]]:
+    """Columnar messages: each brings ``size`` new keys and a second tick of the previous block's keys."""
+    keys = [[f"N{b}.{i}" for i in range(size)] for b in range(blocks)]
+    payloads, sent, t = [], {}, t0
+    for b in range(blocks + 1):
+        batch = (keys[b] if b < blocks else []) + (keys[b - 1] if b else [])
+        n = len(batch)
+        payloads.append(encode_columnar_bin(batch, t + np.arange(n), np.ones(n), np.ones(n)))
+        t += n
+        for key in batch:
+            sent[key] = sent.get(key, 0) + 1
+    return payloads, sent
+
+
+@pytest.mark.timeout(90)
+def test_a_flood_of_new_keys_keeps_each_keys_ticks_in_order(tmp_path: Path) -> None:
+    """24,000 new keys, 3,000 a message (more than may reach a worker at once), each ticking again in the
+    next message while maybe still waiting: every tick counted once, in order, none late."""
+    with running_daemon(tmp_path, workers=2, extra_toml=COUNT_SIGNAL) as daemon:
+        sub = Subscriber(daemon, b"c.")
+        sub.sync()
+        payloads, sent = blocks_of_new_keys(8, 3_000, time.time_ns())
+        feed(daemon.ingest, payloads)
+        sub.collect(lambda: len({r["k"] for r in sub.records if r["count"] == 2}) == len(sent), 60)
+        books = daemon.wait_idle()
+        sub.close()
+    assert books.get('streamd_ticks_dropped_total{reason="late"}', 0) == 0
+    assert accounting(books) == 0
+    counts: dict[str, list[int]] = defaultdict(list)
+    for record in sub.records:
+        if record["k"] in sent:
+            counts[record["k"]].append(record["count"])
+    assert {key: max(c) for key, c in counts.items()} == sent
+    assert all(c == sorted(c) for c in counts.values())
+
+
+MANY_SIGNALS = "".join(
+    f'[[signal]]\nname = "s{i}"\nwindow = "count"\nsize = 100\nstats = ["count", "mean", "std", "vwap"]\n'
+    for i in range(12)
+)
+
+
+@pytest.mark.timeout(90)
+def test_new_keys_past_the_backlog_are_shed_and_known_keys_flow(tmp_path: Path) -> None:
+    """A worker slowed by 13 signals, 200,000 new keys at once and ingest.max_queue_bytes = 1 MiB (a fresh
+    lane of 8,192 ticks): new keys are shed as new_key_backlog, counted; known keys keep their records."""
+    extra = COUNT_SIGNAL + MANY_SIGNALS
+    with running_daemon(tmp_path, workers=1, extra_toml=extra, ingest_toml="max_queue_bytes = 1048576") as daemon:
+        sub = Subscriber(daemon, b"c.")
+        sub.sync()
+        known = [f"K{i}" for i in range(10)]
+        feed(daemon.ingest, [ticks_of(known)])
+        sub.collect(lambda: {r["k"] for r in sub.records} >= set(known))
+        payloads, _ = blocks_of_new_keys(100, 2_000, time.time_ns())
+        feed(daemon.ingest, [*payloads[:-1], ticks_of(known)])
+        sub.collect(lambda: sum(r["k"] == "K0" and r["count"] == 2 for r in sub.records) == 1, 60)
+        books = daemon.wait_idle(timeout=60)
+        sub.close()
+    assert books['streamd_ticks_dropped_total{reason="new_key_backlog"}'] > 0
+    assert accounting(books) == 0
+    assert "new keys arrive faster than the workers take them" in daemon.log()

@@ -40,7 +40,7 @@ class TestSplit:
                 worker, slot = slot_of[key]
                 expected[worker].append((slot, i))
             assert [list(zip(p.slots.tolist(), p.t.tolist(), strict=True)) for p in parts] == expected
-            assert [outbox.new_keys for outbox in outboxes] == announced
+            assert [outbox.fresh_keys for outbox in outboxes] == announced
 
     def test_split_without_known_codes(self) -> None:
         """A flush decoded without the router's codes is routed all the same."""
@@ -53,7 +53,7 @@ class TestSplit:
             (int(t), w, int(s)) for w, part in enumerate(parts) for s, t in zip(part.slots, part.t, strict=True)
         )
         assert got == sorted((i, codes[k] % 3, codes[k] // 3) for i, k in enumerate(["B", "C", "A"]))
-        assert sum(len(outbox.new_keys) for outbox in outboxes) == 1
+        assert sum(len(outbox.fresh_keys) for outbox in outboxes) == 1
 
     def test_many_workers_keep_arrival_order(self) -> None:
         """Past the mask threshold (a sort by worker), each worker still sees its ticks in order."""
@@ -72,12 +72,18 @@ class TestAnnouncement:
         keys = [f"K{i}" for i in range(20)]
         first = [Outbox(), Outbox()]
         router.route(keys, first)
-        assert sorted(router.announcement(0)) == sorted(first[0].new_keys)
-        assert sorted(router.announcement(1)) == sorted(first[1].new_keys)
+        assert sorted(router.announcement(0)) == sorted(first[0].fresh_keys)
+        assert sorted(router.announcement(1)) == sorted(first[1].fresh_keys)
         assert {k for _, k in router.announcement(0)} == {k for k in keys if shard_for(k, 2) == 0}
         again = [Outbox(), Outbox()]
         router.route(keys, again)
-        assert again[0].new_keys == again[1].new_keys == []
+        assert again[0].fresh_keys == again[1].fresh_keys == []
+
+
+def admit_all(router: KeyRouter, outboxes: list[Outbox]) -> None:
+    """What the ingest does when its workers are idle: every pending key is told to its worker."""
+    for worker, outbox in enumerate(outboxes):
+        router.admit(worker, outbox, len(outbox.fresh_keys))
 
 
 def sent(router: KeyRouter, outboxes: list[Outbox]) -> list[list[int]]:
@@ -96,6 +102,7 @@ class TestEviction:
         outboxes = [Outbox()]
         router.epoch = 1
         router.route(["A", "B", "C"], outboxes)
+        admit_all(router, outboxes)
         router.epoch = 5
         router.route(["B"], outboxes)
         assert router.evict_silent(3, outboxes, now_ns=0) == 2
@@ -104,8 +111,10 @@ class TestEviction:
         router.route(["D"], outboxes)
         assert router.codes["D"] == 3, "a released slot is not reused before its gone batch left"
         assert sorted(sent(router, outboxes)[0]) == [0, 2]
+        admit_all(router, outboxes)
         outboxes[0].new_keys.clear()
         router.route(["E", "A"], outboxes)
+        admit_all(router, outboxes)
         assert {router.codes["E"], router.codes["A"]} == {0, 2}
         assert {k for _, k in outboxes[0].new_keys} == {"E", "A"}, "a returning key is announced as new"
 
@@ -115,6 +124,7 @@ class TestEviction:
         outboxes = [Outbox(), Outbox()]
         keys = [f"K{i}" for i in range(10)]
         router.route(keys, outboxes)
+        admit_all(router, outboxes)
         router.epoch = 10
         router.evict_silent(5, outboxes, now_ns=0)
         for worker in (0, 1):
@@ -132,6 +142,7 @@ class TestEviction:
         for epoch, keys in enumerate(rounds):
             router.epoch = epoch
             router.route([f"K{k}" for k in keys], outboxes)
+            admit_all(router, outboxes)
             codes = list(router.codes.values())
             assert len(set(codes)) == len(codes)
             for worker in range(workers):
@@ -149,8 +160,92 @@ class TestEviction:
             router.split(decode_payloads(flush_of(["live"]), router.codes), outboxes)
             if epoch == 0:
                 router.route(["quiet"], outboxes)
+            admit_all(router, outboxes)
             router.evict_silent(epoch - 3, outboxes, now_ns=0)
         assert set(router.codes) == {"live"}
+
+
+class TestFreshLane:
+    @settings(max_examples=100, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("flush"), st.lists(st.integers(0, 12), max_size=15)),
+                st.tuples(st.just("send"), st.tuples(st.integers(0, 2), st.integers(0, 3))),
+            ),
+            max_size=25,
+        ),
+        st.integers(1, 3),
+    )
+    def test_new_keys_wait_in_their_lane_without_reordering_any_key(
+        self, steps: list[tuple[str, Any]], workers: int
+    ) -> None:
+        """However flushes and sends with any admission budget interleave, each worker gets every tick
+        once, each key's ticks in arrival order, and a key's announcement before its first tick."""
+        router = KeyRouter(workers)
+        outboxes = [Outbox() for _ in range(workers)]
+        delivered: dict[Any, list[int]] = {}
+        known: list[dict[int, Any]] = [{} for _ in range(workers)]
+        arrived: dict[Any, list[int]] = {}
+        clock = 0
+
+        def send(worker: int, budget: int) -> None:
+            outbox = outboxes[worker]
+            parts = list(outbox.parts)
+            admitted = router.admit(worker, outbox, budget)
+            if admitted is not None:
+                parts.append(admitted)
+            known[worker].update(outbox.new_keys)
+            outboxes[worker] = Outbox(
+                fresh_parts=outbox.fresh_parts, fresh_ticks=outbox.fresh_ticks, fresh_keys=outbox.fresh_keys
+            )
+            for slots, t, _, _ in parts:
+                for slot, tick in zip(slots.tolist(), t.tolist(), strict=True):
+                    assert slot in known[worker], "a tick reached its worker before its key was announced"
+                    delivered.setdefault(known[worker][slot], []).append(tick)
+
+        for kind, arg in steps:
+            if kind == "flush":
+                keys = [f"K{k}" for k in arg]
+                payload = msgpack.packb([[key, clock + i, 1.0] for i, key in enumerate(keys)])
+                for i, key in enumerate(keys):
+                    arrived.setdefault(key, []).append(clock + i)
+                clock += len(keys)
+                for worker, part in enumerate(router.split(decode_payloads([payload], router.codes), outboxes)):
+                    slots, t, p, q, pending = part
+                    if pending is None:
+                        outboxes[worker].add((slots, t, p, q), 0)
+                    else:
+                        assert pending.any()
+                        outboxes[worker].add((slots[~pending], t[~pending], p[~pending], q[~pending]), 0)
+                        outboxes[worker].add((slots[pending], t[pending], p[pending], q[pending]), 0, fresh=True)
+            elif arg[0] < workers:
+                send(*arg)
+        for worker in range(workers):
+            send(worker, len(outboxes[worker].fresh_keys))
+            assert outboxes[worker].fresh_ticks == 0 and not outboxes[worker].fresh_parts
+        assert delivered == arrived
+
+    def test_a_pending_key_is_never_evicted(self) -> None:
+        """Its ticks are still in the fresh lane: releasing its slot now would unmap a key never mapped."""
+        router = KeyRouter(1)
+        outboxes = [Outbox()]
+        router.epoch = 1
+        router.route(["told", "waiting"], outboxes)
+        router.admit(0, outboxes[0], 1)
+        router.epoch = 9
+        assert router.evict_silent(5, outboxes, now_ns=0) == 1
+        assert set(router.codes) == {"waiting"}
+
+    def test_refused_new_keys_are_counted_and_known_keys_flow(self) -> None:
+        router = KeyRouter(1)
+        outboxes = [Outbox()]
+        router.route(["A"], outboxes)
+        router.accept_new = False
+        parts = router.split(decode_payloads(flush_of(["A", "B", "B", "A"]), router.codes), outboxes)
+        assert parts[0].t.tolist() == [0, 3]
+        assert (router.rejected_ticks, router.rejected_keys) == (2, 1)
+        assert set(router.codes) == {"A"}
 
 
 class TestMaxKeys:
@@ -172,6 +267,7 @@ class TestMaxKeys:
         router = KeyRouter(1, max_keys=1)
         outboxes = [Outbox()]
         router.route(["A"], outboxes)
+        admit_all(router, outboxes)
         router.epoch = 9
         router.evict_silent(5, outboxes, now_ns=0)
         codes = router.route(["B"], outboxes)
