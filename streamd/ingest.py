@@ -49,6 +49,8 @@ from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: converting the flag enum on every receive shows in profiles
 _DRAIN_BYTES = 4 << 20  # payload bytes per wake-up: bounds decode chunks when messages are big batches
+_MIN_DRAIN_BYTES = 64 << 10  # the adaptive bound never goes below one large columnar message
+_DRAIN_TARGET_S = 0.005  # a drain's work aims at this, so ticks behind it wait about as long at most
 _BYTES_PER_TICK = 32  # slot, time, price and quantity: what a held tick costs in outboxes and queues
 EPOCH_NS = 1_000_000  # the unit of a key's last-seen time: a millisecond of the monotonic clock
 _FRESH_KEYS_PER_BATCH = 1_000  # new keys per batch: a few ms of a worker's time, the most a known key waits
@@ -141,6 +143,7 @@ class Ingest:
         self.stopped = asyncio.Event()
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
         self.overloaded = False  # max_queue_bytes reached: input paused (pull) or shed (sub)
+        self.drain_bytes = _DRAIN_BYTES  # payload bytes the next drain may take (adapted to its cost)
         # With [state], what each worker was handed since its last checkpoint, for its replacement.
         journal_bytes = config.state.journal_bytes // self.workers
         self.journals = [ReplayJournal(journal_bytes) for _ in range(self.workers)] if config.state.dir else None
@@ -231,13 +234,24 @@ class Ingest:
         if self.overloaded and self.config.ingest.mode == "pull":
             return
         payloads: list[bytes] = []
-        exhausted, size = receive_payloads(self.input, payloads, _DRAIN_LIMIT, _DRAIN_BYTES)
+        started = time.perf_counter()
+        exhausted, size = receive_payloads(self.input, payloads, _DRAIN_LIMIT, self.drain_bytes)
         if not exhausted:
             self.loop.call_soon(self._drain)
         if payloads:
             self._accept(payloads, size, time.time_ns())
             self._dispatch()
             self._check_overload()
+            self._size_next_drain(size, time.perf_counter() - started)
+
+    def _size_next_drain(self, size: int, seconds: float) -> None:
+        """Bound the next drain to about ``_DRAIN_TARGET_S`` of work at this drain's cost per byte.
+
+        A byte of new keys costs the decoder and router some 50 times a byte of known keys', so
+        a fixed byte bound let one drain of a new-key flood hold every other tick for 0.25 s.
+        """
+        if size and seconds > 0:
+            self.drain_bytes = int(min(_DRAIN_BYTES, max(_MIN_DRAIN_BYTES, size * _DRAIN_TARGET_S / seconds)))
 
     def _accept(self, payloads: list[bytes], size: int, recv_ns: int) -> None:
         self.router.epoch = time.monotonic_ns() // EPOCH_NS
