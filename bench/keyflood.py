@@ -156,6 +156,7 @@ def daemon_keys(daemon: Daemon) -> dict[str, float]:
         "processed": m.total("streamd_ticks_processed_total"),
         "received": m.total("streamd_ticks_received_total"),
         "busy": m.total("streamd_worker_busy_seconds_total"),
+        "shed": m.total("streamd_ticks_dropped_total", reason="new_key_backlog"),
     }
 
 
@@ -287,6 +288,7 @@ def live_phase(daemon: Daemon, seconds: float, flood_rate: float | None, first_k
         "p50_ms": p50 / 1e6,
         "p99_ms": p99 / 1e6,
         "busy": (mid["busy"] - before["busy"]) / elapsed,
+        "shed_per_s": (mid["shed"] - before["shed"]) / elapsed,
     }
 
 
@@ -294,7 +296,16 @@ def new_key_rate(seconds: float) -> Table:
     table = Table(
         f"New keys per second through one ingest, {LIVE_KEYS} live keys beside them at {LIVE_TICKS_PER_S:,} ticks/s "
         f'(1 ingest, 1 worker, built-in 3 signals, key_ttl = "2s"; {seconds:g} s per phase, interleaved)',
-        ["phase", "new keys/s", "live records/s", "live p50 (ms)", "live p99 (ms)", "p99 vs alone", "worker busy"],
+        [
+            "phase",
+            "new keys/s",
+            "shed/s",
+            "live records/s",
+            "live p50 (ms)",
+            "live p99 (ms)",
+            "p99 vs alone",
+            "worker busy",
+        ],
     )
     daemon = Daemon(1, SignalOptions(), extra_toml='[state]\nkey_ttl = "2s"\nmax_keys = 10000000\n')
     daemon.start()
@@ -322,6 +333,7 @@ def new_key_rate(seconds: float) -> Table:
         table.add(
             name,
             f"{med['new_keys_per_s']:,.0f}",
+            f"{med['shed_per_s']:,.0f}",
             f"{med['live_records_per_s']:,.0f}",
             f"{med['p50_ms']:.2f}",
             f"{med['p99_ms']:.2f}",
@@ -329,6 +341,7 @@ def new_key_rate(seconds: float) -> Table:
             f"{med['busy']:.0%}",
         )
     table.notes.append("new keys/s: keys the ingest started routing per second (streamd_ingest_keys + released)")
+    table.notes.append("shed/s: ticks of new keys dropped as new_key_backlog (the workers had no room for them)")
     table.notes.append("live latency: subscriber receive wall clock - send wall clock, px1s records of live keys")
     table.data = phases
     return table

@@ -60,7 +60,10 @@ class KeyTable:
             indices = self._allocate(len(new))
             self._index.update(zip(new, indices.tolist(), strict=True))
             self.keys[indices] = new
-            local = np.fromiter(map(self._index.__getitem__, keys), np.int64, len(keys))
+            if len(new) == np.count_nonzero(unseen):  # distinct, as one ingest announces them
+                local[unseen] = indices
+            else:
+                local = np.fromiter(map(self._index.__getitem__, keys), np.int64, len(keys))
         table = self._cover(ingest, generation, table, int(slots.max()) + 1)
         changed = table[slots] != local
         slots, local = slots[changed], local[changed]
