@@ -12,9 +12,9 @@ work, so a busy worker gets one larger batch instead of a queue of small ones.
 
 New keys cost a worker several times what a tick of a known key does, so they have a lane of
 their own: their ticks wait in the outbox's fresh lane and go, at most ``_FRESH_KEYS_PER_BATCH``
-keys at a time, when the worker is idle (or has let them wait ``_FRESH_PATIENCE_NS``). A flood of
-new keys then takes the workers' spare capacity and no more, and keys already flowing keep
-their latency. Past a backlog of a quarter of ``ingest.max_queue_bytes`` new keys are refused
+keys at a time, when the worker is idle, or ``_FRESH_PATIENCE_NS`` after the lane last let keys
+go. A flood of new keys then takes the workers' spare capacity and no more, and keys already
+flowing keep their latency. Past a backlog of a quarter of ``ingest.max_queue_bytes`` new keys are refused
 (``new_key_backlog``) rather than let the fresh lane grow.
 """
 
@@ -110,12 +110,12 @@ def send_now(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int
 
 def leaves_by(outbox: Outbox, latency: LatencyConfig) -> int:
     """When an outbox leaves even though its worker is still busy: its known lane after
-    ``max_batch_delay``, its fresh lane after ``_FRESH_PATIENCE_NS``."""
+    ``max_batch_delay``, its fresh lane ``_FRESH_PATIENCE_NS`` after it last let keys go."""
     dues = []
     if outbox.ticks or outbox.gone:
         dues.append(outbox.oldest_ns + latency.max_batch_delay_ns)
     if outbox.fresh_keys:
-        dues.append(outbox.fresh_oldest_ns + _FRESH_PATIENCE_NS)
+        dues.append(outbox.fresh_due_ns)
     return min(dues)
 
 
@@ -319,6 +319,8 @@ class Ingest:
         known = ~pending
         if known.any():
             outbox.add(select((slots, t, p, q), known), recv_ns)
+        if not outbox.fresh_ticks:
+            outbox.fresh_due_ns = recv_ns + _FRESH_PATIENCE_NS
         outbox.add(select((slots, t, p, q), pending), recv_ns, fresh=True)
 
     # flow control: when a worker's outbox leaves ------------------------------------------
@@ -331,7 +333,7 @@ class Ingest:
             if not outbox.ticks and not outbox.gone and not outbox.fresh_keys:
                 continue
             in_flight = self.ledger.in_flight(self.index, worker)
-            starving = bool(outbox.fresh_keys) and now >= outbox.fresh_oldest_ns + _FRESH_PATIENCE_NS
+            starving = bool(outbox.fresh_keys) and now >= outbox.fresh_due_ns
             if everything:
                 self._send(worker, outbox, len(outbox.fresh_keys))
             elif in_flight <= 0 or starving:
@@ -402,6 +404,7 @@ class Ingest:
             fresh_parts=outbox.fresh_parts,
             fresh_ticks=outbox.fresh_ticks,
             fresh_oldest_ns=outbox.fresh_oldest_ns,
+            fresh_due_ns=time.time_ns() + _FRESH_PATIENCE_NS if fresh_keys else outbox.fresh_due_ns,
             fresh_keys=outbox.fresh_keys,
         )
         size = self.config.latency.max_batch_size

@@ -51,6 +51,7 @@ class Outbox:
     fresh_parts: list[Columns] = field(default_factory=list)
     fresh_ticks: int = 0
     fresh_oldest_ns: int = 0
+    fresh_due_ns: int = 0  # when the fresh lane lets keys go even to a busy worker (set by the ingest)
     fresh_keys: list[tuple[int, str | int]] = field(default_factory=list)
 
     def add(self, columns: Columns, recv_ns: int, *, fresh: bool = False) -> None:
