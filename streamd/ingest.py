@@ -108,6 +108,20 @@ def send_now(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int
     )
 
 
+def fresh_keys_to_send(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int) -> int | None:
+    """Flow control with two lanes: None while the outbox waits, else how many pending keys go with it.
+
+    An idle worker gets the known lane and up to ``_FRESH_KEYS_PER_BATCH`` pending keys; so does
+    a busy one once the fresh lane is due (``_FRESH_PATIENCE_NS`` after it last let keys go).
+    Otherwise a busy worker gets the known lane alone when :func:`send_now` says so.
+    """
+    if in_flight <= 0 or (outbox.fresh_keys and now_ns >= outbox.fresh_due_ns):
+        return _FRESH_KEYS_PER_BATCH
+    if (outbox.ticks or outbox.gone) and send_now(outbox, in_flight, latency, now_ns):
+        return 0
+    return None
+
+
 def leaves_by(outbox: Outbox, latency: LatencyConfig) -> int:
     """When an outbox leaves even though its worker is still busy: its known lane after
     ``max_batch_delay``, its fresh lane ``_FRESH_PATIENCE_NS`` after it last let keys go."""
@@ -333,13 +347,9 @@ class Ingest:
             if not outbox.ticks and not outbox.gone and not outbox.fresh_keys:
                 continue
             in_flight = self.ledger.in_flight(self.index, worker)
-            starving = bool(outbox.fresh_keys) and now >= outbox.fresh_due_ns
-            if everything:
-                self._send(worker, outbox, len(outbox.fresh_keys))
-            elif in_flight <= 0 or starving:
-                self._send(worker, outbox, _FRESH_KEYS_PER_BATCH)
-            elif (outbox.ticks or outbox.gone) and send_now(outbox, in_flight, latency, now):
-                self._send(worker, outbox, 0)
+            fresh_keys = len(outbox.fresh_keys) if everything else fresh_keys_to_send(outbox, in_flight, latency, now)
+            if fresh_keys is not None:
+                self._send(worker, outbox, fresh_keys)
             else:
                 due = leaves_by(outbox, latency)
                 next_deadline = min(next_deadline or due, due)
