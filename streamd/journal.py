@@ -119,6 +119,10 @@ class Sorted:
     quiet: list[WorkerBatch]  # replayed ticks the dead predecessor had already applied and published
     new: list[WorkerBatch]  # ticks to apply, count and publish
     missing: int  # ticks between what the state holds and what arrived: not replayable
+    filled: int = 0  # ticks of batches overtaken by later ones, applied now (they close a gap)
+
+
+_MAX_GAPS = 64  # gaps remembered per ingest: a replacement makes one, lost batches leave theirs open
 
 
 class ReplayFilter:
@@ -128,15 +132,27 @@ class ReplayFilter:
     def __init__(self, next_seq: Sequence[int], quiet_upto: Sequence[int]) -> None:
         self.next_seq = list(next_seq)
         self.quiet_upto = list(quiet_upto)
+        self.gaps: list[list[tuple[int, int]]] = [[] for _ in next_seq]  # per ingest: skipped seq ranges
 
     def sort(self, batches: Sequence[WorkerBatch]) -> Sorted:
-        """Skip what the state holds, split the rest at ``quiet_upto`` (batches of an ingest arrive in order)."""
+        """Skip what the state holds, split the rest at ``quiet_upto``.
+
+        An ingest's batches arrive in order on one pipe, but a replaced ingest's last batches may
+        still wait in the old pipe when its successor's first arrive on a new one, and the worker's
+        socket takes the pipes in turn. The range they were overtaken on is kept as a gap, and a
+        batch that falls in it is applied when it comes (its ticks may then be late for their keys).
+        """
         result = Sorted([], [], 0)
         for batch in batches:
             ingest, n = batch.ingest, len(batch.t)
             held = self.next_seq[ingest]
+            if batch.seq_start < held and self._fill(ingest, batch.seq_start, batch.seq_start + n):
+                result.new.append(batch)
+                result.filled += n
+                continue
             if batch.seq_start > held:
                 result.missing += batch.seq_start - held
+                self.gaps[ingest] = [*self.gaps[ingest][-(_MAX_GAPS - 1) :], (held, batch.seq_start)]
             skip = min(n, max(0, held - batch.seq_start))
             quiet = min(n, max(skip, self.quiet_upto[ingest] - batch.seq_start))
             if quiet > skip:
@@ -145,6 +161,15 @@ class ReplayFilter:
                 result.new.append(_part(batch, quiet, n))
             self.next_seq[ingest] = max(held, batch.seq_start + n)
         return result
+
+    def _fill(self, ingest: int, start: int, end: int) -> bool:
+        """Take ``[start, end)`` out of a recorded gap of ``ingest``; False if no gap holds it."""
+        gaps = self.gaps[ingest]
+        for i, (lo, hi) in enumerate(gaps):
+            if lo <= start and end <= hi:
+                gaps[i : i + 1] = [gap for gap in ((lo, start), (end, hi)) if gap[0] < gap[1]]
+                return True
+        return False
 
     def applied(self, ingest: int) -> int:
         """What to mark applied in the ledger: never below what a predecessor already counted."""

@@ -343,6 +343,8 @@ class Worker:
             self.limited.warning(
                 "replay_gap", "ticks missing from the replay: these windows lack them", ticks=sorted_.missing
             )
+        if sorted_.filled:
+            self.log.info("a replaced ingest's overtaken batches arrived: gap filled", extra={"ticks": sorted_.filled})
         if sorted_.quiet:
             self._apply_quietly(sorted_.quiet)
         self.dirty = True

@@ -221,3 +221,15 @@ def test_filter_reports_a_gap() -> None:
     replay = ReplayFilter([10], [10])
     out = replay.sort([batch_at(14, 6)])
     assert out.missing == 4 and [(b.seq_start, len(b.t)) for b in out.new] == [(14, 6)]
+
+
+def test_a_batch_overtaken_by_later_ones_closes_its_gap_when_it_comes() -> None:
+    """A replaced ingest's last batch, still in the old pipe, arrives after its successor's first:
+    it is applied (not skipped as held), once, and only inside the gap it left."""
+    replay = ReplayFilter([10], [10])
+    assert replay.sort([batch_at(20, 5)]).missing == 10
+    late = replay.sort([batch_at(10, 6), batch_at(16, 4)])
+    assert late.filled == 10 and [(b.seq_start, len(b.t)) for b in late.new] == [(10, 6), (16, 4)]
+    again = replay.sort([batch_at(10, 6), batch_at(18, 5)])
+    assert again.filled == 0 and again.new == [] and again.quiet == []
+    assert replay.applied(0) == 25
