@@ -108,14 +108,18 @@ def send_now(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int
     )
 
 
-def fresh_keys_to_send(outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int) -> int | None:
+def fresh_keys_to_send(
+    outbox: Outbox, in_flight: int, latency: LatencyConfig, now_ns: int, fresh_applied: bool = True
+) -> int | None:
     """Flow control with two lanes: None while the outbox waits, else how many pending keys go with it.
 
-    An idle worker gets the known lane and up to ``_FRESH_KEYS_PER_BATCH`` pending keys; so does
-    a busy one once the fresh lane is due (``_FRESH_PATIENCE_NS`` after it last let keys go).
-    Otherwise a busy worker gets the known lane alone when :func:`send_now` says so.
+    An idle worker gets the known lane and up to ``_FRESH_KEYS_PER_BATCH`` pending keys; so does a
+    busy one once it has applied the last new keys it was sent (``fresh_applied``), so at most one
+    such batch is ever ahead of a known key, or once the fresh lane is due (``_FRESH_PATIENCE_NS``
+    after it last let keys go). Otherwise a busy worker gets the known lane alone when
+    :func:`send_now` says so.
     """
-    if in_flight <= 0 or (outbox.fresh_keys and now_ns >= outbox.fresh_due_ns):
+    if in_flight <= 0 or (outbox.fresh_keys and (fresh_applied or now_ns >= outbox.fresh_due_ns)):
         return _FRESH_KEYS_PER_BATCH
     if (outbox.ticks or outbox.gone) and send_now(outbox, in_flight, latency, now_ns):
         return 0
@@ -158,6 +162,7 @@ class Ingest:
         self.orphaned = False  # the supervisor died: exit at once, nothing left to hand over
         self.overloaded = False  # max_queue_bytes reached: input paused (pull) or shed (sub)
         self.drain_bytes = _DRAIN_BYTES  # payload bytes the next drain may take (adapted to its cost)
+        self.fresh_gates = [0] * self.workers  # per worker: applied up to here, it may get more new keys
         # With [state], what each worker was handed since its last checkpoint, for its replacement.
         journal_bytes = config.state.journal_bytes // self.workers
         self.journals = [ReplayJournal(journal_bytes) for _ in range(self.workers)] if config.state.dir else None
@@ -347,7 +352,12 @@ class Ingest:
             if not outbox.ticks and not outbox.gone and not outbox.fresh_keys:
                 continue
             in_flight = self.ledger.in_flight(self.index, worker)
-            fresh_keys = len(outbox.fresh_keys) if everything else fresh_keys_to_send(outbox, in_flight, latency, now)
+            fresh_applied = self.ledger.applied(self.index, worker) >= self.fresh_gates[worker]
+            fresh_keys = (
+                len(outbox.fresh_keys)
+                if everything
+                else fresh_keys_to_send(outbox, in_flight, latency, now, fresh_applied)
+            )
             if fresh_keys is not None:
                 self._send(worker, outbox, fresh_keys)
             else:
@@ -440,6 +450,8 @@ class Ingest:
                 new_keys = []
                 self.router.recycle(worker, gone)
             self.ledger.buffer(self.index, -len(t))
+        if admitted is not None:
+            self.fresh_gates[worker] = self.ledger.handed(self.index, worker)
 
     def _send_batch(self, worker: int, batch: WorkerBatch) -> bool:
         """Queue one batch for a worker; on a full queue drop it (counted) and keep its key announcements."""

@@ -180,15 +180,17 @@ class TestFlowControl:
         assert send_now(Outbox(ticks=100, oldest_ns=1_000), 500, self.LATENCY, now_ns=1_000)
 
     def test_new_keys_go_to_an_idle_worker_and_to_a_busy_one_once_per_patience(self) -> None:
-        """The fresh lane: pending keys join a batch for an idle worker; a busy worker gets the known
-        lane alone, and pending keys only once the lane is due again."""
+        """The fresh lane: pending keys join a batch for an idle worker, or a busy one that applied the
+        last new keys it got; otherwise a busy worker gets the known lane alone, and pending keys
+        only once the lane is due again."""
         fresh = Outbox(ticks=1, oldest_ns=1_000, fresh_keys=[(0, "N")], fresh_ticks=1, fresh_due_ns=50_000_000)
-        assert fresh_keys_to_send(fresh, 0, self.LATENCY, now_ns=1_000) == 1_000
-        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=2_000) is None
-        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=1_001_000) == 0
-        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=50_000_000) == 1_000
+        assert fresh_keys_to_send(fresh, 0, self.LATENCY, now_ns=1_000, fresh_applied=False) == 1_000
+        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=2_000, fresh_applied=False) is None
+        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=2_000, fresh_applied=True) == 1_000
+        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=1_001_000, fresh_applied=False) == 0
+        assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=50_000_000, fresh_applied=False) == 1_000
         only_fresh = Outbox(fresh_keys=[(0, "N")], fresh_ticks=1, fresh_due_ns=50_000_000)
-        assert fresh_keys_to_send(only_fresh, 500, self.LATENCY, now_ns=49_999_999) is None
+        assert fresh_keys_to_send(only_fresh, 500, self.LATENCY, now_ns=49_999_999, fresh_applied=False) is None
         assert leaves_by(only_fresh, self.LATENCY) == 50_000_000
         assert leaves_by(fresh, self.LATENCY) == 1_001_000
 
