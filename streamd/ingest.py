@@ -308,25 +308,20 @@ class Ingest:
                 self._buffer(worker, part, recv_ns)
         if router.rejected_ticks:
             self.ledger.buffer(self.index, -router.rejected_ticks)
-            if router.accept_new:
-                self.metrics.ticks_dropped.labels("key_limit").inc(router.rejected_ticks)
-                self.limited.warning(
-                    "key_limit",
-                    "state.max_keys reached: ticks of new keys dropped, known keys keep flowing",
-                    ticks=router.rejected_ticks,
-                    keys=router.rejected_keys,
-                    limit=router.max_keys,
-                )
-            else:
-                self.metrics.ticks_dropped.labels("new_key_backlog").inc(router.rejected_ticks)
-                self.limited.warning(
-                    "new_key_backlog",
-                    "new keys arrive faster than the workers take them: ticks of new keys dropped",
-                    ticks=router.rejected_ticks,
-                    keys=router.rejected_keys,
-                    backlog_ticks=backlog,
-                )
+            self._count_refused_new_keys(backlog)
         self.metrics.keys.set(router.live_keys)
+
+    def _count_refused_new_keys(self, backlog: int) -> None:
+        """Ticks of new keys the router refused: beyond state.max_keys, or while the fresh lane is full."""
+        router = self.router
+        if router.accept_new:
+            reason, detail = "key_limit", {"limit": router.max_keys}
+            message = "state.max_keys reached: ticks of new keys dropped, known keys keep flowing"
+        else:
+            reason, detail = "new_key_backlog", {"backlog_ticks": backlog}
+            message = "new keys arrive faster than the workers take them: ticks of new keys dropped"
+        self.metrics.ticks_dropped.labels(reason).inc(router.rejected_ticks)
+        self.limited.warning(reason, message, ticks=router.rejected_ticks, keys=router.rejected_keys, **detail)
 
     def _buffer(self, worker: int, part: WorkerTicks, recv_ns: int) -> None:
         """Ticks of known keys join the known lane; those of pending keys the fresh lane."""
