@@ -51,4 +51,10 @@ class WorkerReset:
     lost_ticks: int
 
 
-Control = Ready | Failed | Stop | Reload | WorkerLost | WorkerReset
+@dataclass(frozen=True)
+class CheckpointNow:
+    """supervisor -> worker: an ingest died, and with it the replay journal of what it had handed
+    over since this worker's last checkpoint; write one now rather than at the next interval."""
+
+
+Control = Ready | Failed | Stop | Reload | WorkerLost | WorkerReset | CheckpointNow

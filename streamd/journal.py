@@ -11,7 +11,8 @@ ticks; once the checkpoint is on disk the worker says so in the ledger (``checkp
 * The worker puts what arrives through a :class:`ReplayFilter`: ticks its state already holds
   are skipped; ticks its dead predecessor had applied (and counted and published) are applied
   *quietly*, to rebuild the windows without publishing or counting them twice; the rest are
-  new. A gap (ticks the journal no longer had) is reported.
+  new. A gap (ticks the journal no longer had) is reported. A gap in new ticks that stays open
+  is written off: the batches in it never left a dead ingest, and nobody else counted them.
 """
 
 from __future__ import annotations
@@ -122,7 +123,13 @@ class Sorted:
     filled: int = 0  # ticks of batches overtaken by later ones, applied now (they close a gap)
 
 
-_MAX_GAPS = 64  # gaps remembered per ingest: a replacement makes one, lost batches leave theirs open
+@dataclass(frozen=True)
+class Gap:
+    """Sequence numbers ``[lo, hi)`` of an ingest that were skipped, and when (monotonic seconds)."""
+
+    lo: int
+    hi: int
+    opened: float
 
 
 class ReplayFilter:
@@ -132,9 +139,9 @@ class ReplayFilter:
     def __init__(self, next_seq: Sequence[int], quiet_upto: Sequence[int]) -> None:
         self.next_seq = list(next_seq)
         self.quiet_upto = list(quiet_upto)
-        self.gaps: list[list[tuple[int, int]]] = [[] for _ in next_seq]  # per ingest: skipped seq ranges
+        self.gaps: list[list[Gap]] = [[] for _ in next_seq]  # per ingest: skipped ranges, oldest first
 
-    def sort(self, batches: Sequence[WorkerBatch]) -> Sorted:
+    def sort(self, batches: Sequence[WorkerBatch], now: float) -> Sorted:
         """Skip what the state holds, split the rest at ``quiet_upto``.
 
         An ingest's batches arrive in order on one pipe, but a replaced ingest's last batches may
@@ -152,7 +159,7 @@ class ReplayFilter:
                 continue
             if batch.seq_start > held:
                 result.missing += batch.seq_start - held
-                self.gaps[ingest] = [*self.gaps[ingest][-(_MAX_GAPS - 1) :], (held, batch.seq_start)]
+                self.gaps[ingest].append(Gap(held, batch.seq_start, now))
             skip = min(n, max(0, held - batch.seq_start))
             quiet = min(n, max(skip, self.quiet_upto[ingest] - batch.seq_start))
             if quiet > skip:
@@ -165,11 +172,29 @@ class ReplayFilter:
     def _fill(self, ingest: int, start: int, end: int) -> bool:
         """Take ``[start, end)`` out of a recorded gap of ``ingest``; False if no gap holds it."""
         gaps = self.gaps[ingest]
-        for i, (lo, hi) in enumerate(gaps):
-            if lo <= start and end <= hi:
-                gaps[i : i + 1] = [gap for gap in ((lo, start), (end, hi)) if gap[0] < gap[1]]
+        for i, gap in enumerate(gaps):
+            if gap.lo <= start and end <= gap.hi:
+                rest = (Gap(gap.lo, start, gap.opened), Gap(end, gap.hi, gap.opened))
+                gaps[i : i + 1] = [part for part in rest if part.lo < part.hi]
                 return True
         return False
+
+    def write_off(self, now: float, grace: float) -> int:
+        """Close the gaps open longer than ``grace`` seconds; return the ticks in them nobody counted.
+
+        An overtaken batch arrives within moments of its successor's first, so one that has not
+        come by then died in the send queue of the ingest that handed it over. Ticks below
+        ``quiet_upto`` were counted by the dead predecessor (or written off as ``worker_lost``);
+        the rest were counted as received and nowhere else. A batch that still falls in a
+        closed gap is skipped as held, so nothing is counted twice.
+        """
+        lost = 0
+        for ingest, gaps in enumerate(self.gaps):
+            expired = [gap for gap in gaps if now - gap.opened > grace]
+            lost += sum(max(0, gap.hi - max(gap.lo, self.quiet_upto[ingest])) for gap in expired)
+            if expired:
+                self.gaps[ingest] = [gap for gap in gaps if now - gap.opened <= grace]
+        return lost
 
     def applied(self, ingest: int) -> int:
         """What to mark applied in the ledger: never below what a predecessor already counted."""

@@ -28,7 +28,7 @@ from streamd import __version__
 from streamd.children import ChildProcess, RestartPolicy
 from streamd.cluster import cluster_main
 from streamd.config import Config, ConfigError, load_config
-from streamd.control import Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
+from streamd.control import CheckpointNow, Control, Failed, Ready, Reload, Stop, WorkerLost, WorkerReset
 from streamd.curve import secure_publish
 from streamd.ingest import IngestStart, ingest_main
 from streamd.ledger import TickLedger
@@ -317,6 +317,7 @@ class Supervisor:
             )
             orphaned = tuple(w for w, r in self.replacing.items() if index in r.awaiting)
             self.ingests[index] = self._start_ingest(index, orphaned)
+            self._checkpoint_workers_now()
         self._replace_dead_cluster()
 
     def _replace_dead_cluster(self) -> None:
@@ -331,6 +332,16 @@ class Supervisor:
         self.log.error("cluster process died, restarting", extra={"exitcode": child.exitcode})
         orphaned = tuple(w for w, r in self.replacing.items() if self.n_ingests in r.awaiting)
         self.cluster = self._start_cluster(orphaned)
+        self._checkpoint_workers_now()
+
+    def _checkpoint_workers_now(self) -> None:
+        """A dead ingest's journal died with it: until each worker's next checkpoint, a worker death
+        would lose what that ingest had handed it, so the window is closed at once."""
+        if self.config.state.dir is None:
+            return
+        for index, child in enumerate(self.workers):
+            if index not in self.replacing:
+                child.send(CheckpointNow())
 
     def _begin_replacement(self, index: int, child: ChildProcess) -> None:
         """Ask every ingest to write off the dead worker's queue; the replacement waits for all of them."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ import zmq
 
 from streamd.checkpoint import Checkpoint
 from streamd.config import Config, SignalSpec
-from streamd.control import Failed, Ready, Reload, Stop
+from streamd.control import CheckpointNow, Failed, Ready, Reload, Stop
 from streamd.fencing import FENCE_FIELDS, PartitionView
 from streamd.journal import ReplayFilter
 from streamd.keytable import KeyTable
@@ -283,6 +284,7 @@ class Worker:
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
             self._retire_orphaned_keys()
+            self._write_off_lost_batches()
             self._maybe_checkpoint()
             self._on_control()
 
@@ -298,6 +300,8 @@ class Worker:
                     self.running = False
                 elif isinstance(message, Reload):
                     self._reload(message.config)
+                elif isinstance(message, CheckpointNow):
+                    self.last_checkpoint = -math.inf
         except (EOFError, OSError):
             self.log.error("supervisor is gone; worker exiting", extra={"worker": self.index})
             self.running = False
@@ -338,7 +342,7 @@ class Worker:
         if not batches:
             return
         started = time.perf_counter()
-        sorted_ = self.replay.sort(self._to_local(batches, started))
+        sorted_ = self.replay.sort(self._to_local(batches, started), started)
         if sorted_.missing:
             self.limited.warning(
                 "replay_gap", "ticks missing from the replay: these windows lack them", ticks=sorted_.missing
@@ -419,6 +423,16 @@ class Worker:
             if self.config.state.key_ttl_ns:
                 self.table.retire_unclaimed(now, self.config.state.key_ttl_ns / 1e9)
             self._evict(self.table.take_dying())
+
+    def _write_off_lost_batches(self) -> None:
+        """Count as ``ingest_lost`` the batches a dead ingest handed over that never came: its
+        successor's batches overtook them more than ``_RETIRE_GRACE_S`` ago."""
+        lost = self.replay.write_off(time.perf_counter(), _RETIRE_GRACE_S)
+        if lost:
+            self.metrics.ticks_dropped.labels("ingest_lost").inc(lost)
+            self.limited.warning(
+                "ingest_lost", "ticks a dead ingest had handed over never arrived: counted as lost", ticks=lost
+            )
 
     def _settle(self, batches: list[WorkerBatch], ticks: int, late: int) -> None:
         """Count the ticks, mark them applied in the ledger, then ack each ingest heard from.

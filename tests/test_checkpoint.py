@@ -208,7 +208,7 @@ def batch_at(seq: int, n: int, ingest: int = 0) -> WorkerBatch:
 def test_filter_skips_held_ticks_and_replays_applied_ones_quietly() -> None:
     """State holds < 10, the predecessor applied < 25: 10-24 quiet, 25+ new, per ingest."""
     replay = ReplayFilter([10, 0], [25, 3])
-    out = replay.sort([batch_at(0, 20), batch_at(20, 10), batch_at(0, 5, ingest=1)])
+    out = replay.sort([batch_at(0, 20), batch_at(20, 10), batch_at(0, 5, ingest=1)], 0.0)
     assert [(b.seq_start, len(b.t)) for b in out.quiet] == [(10, 10), (20, 5), (0, 3)]
     assert [(b.seq_start, len(b.t)) for b in out.new] == [(25, 5), (3, 2)]
     np.testing.assert_array_equal(out.new[0].t, np.arange(25, 30))
@@ -219,7 +219,7 @@ def test_filter_skips_held_ticks_and_replays_applied_ones_quietly() -> None:
 def test_filter_reports_a_gap() -> None:
     """Ticks the journal no longer had are reported as missing, and the rest applied."""
     replay = ReplayFilter([10], [10])
-    out = replay.sort([batch_at(14, 6)])
+    out = replay.sort([batch_at(14, 6)], 0.0)
     assert out.missing == 4 and [(b.seq_start, len(b.t)) for b in out.new] == [(14, 6)]
 
 
@@ -227,9 +227,23 @@ def test_a_batch_overtaken_by_later_ones_closes_its_gap_when_it_comes() -> None:
     """A replaced ingest's last batch, still in the old pipe, arrives after its successor's first:
     it is applied (not skipped as held), once, and only inside the gap it left."""
     replay = ReplayFilter([10], [10])
-    assert replay.sort([batch_at(20, 5)]).missing == 10
-    late = replay.sort([batch_at(10, 6), batch_at(16, 4)])
+    assert replay.sort([batch_at(20, 5)], 0.0).missing == 10
+    late = replay.sort([batch_at(10, 6), batch_at(16, 4)], 0.0)
     assert late.filled == 10 and [(b.seq_start, len(b.t)) for b in late.new] == [(10, 6), (16, 4)]
-    again = replay.sort([batch_at(10, 6), batch_at(18, 5)])
+    again = replay.sort([batch_at(10, 6), batch_at(18, 5)], 0.0)
     assert again.filled == 0 and again.new == [] and again.quiet == []
     assert replay.applied(0) == 25
+
+
+def test_a_gap_left_open_past_the_grace_is_counted_once_and_never_filled() -> None:
+    """Batches a dead ingest handed over that never came are written off once: only what no
+    predecessor counted (at or past ``quiet_upto``), and a straggler in the closed gap is skipped."""
+    replay = ReplayFilter([10, 0], [14, 0])
+    replay.sort([batch_at(20, 5), batch_at(3, 2, ingest=1)], 100.0)
+    assert replay.write_off(104.0, grace=5.0) == 0
+    replay.sort([batch_at(12, 2)], 104.5)  # overtaken, filled: [10, 12) and [14, 20) stay open
+    assert replay.write_off(105.5, grace=5.0) == 6 + 3
+    assert replay.write_off(200.0, grace=5.0) == 0
+    straggler = replay.sort([batch_at(16, 2), batch_at(1, 1, ingest=1)], 201.0)
+    assert straggler.new == [] and straggler.quiet == [] and straggler.filled == 0
+    assert (replay.applied(0), replay.applied(1)) == (25, 5)

@@ -210,6 +210,38 @@ def test_whole_daemon_kill_resumes_from_the_last_checkpoint_and_logs_the_lost_ra
     assert check_records_against_pandas(records, ticks + more, daemon.config_path) == len(records)
 
 
+def test_a_worker_killed_soon_after_an_ingest_death_keeps_what_that_ingest_had_handed_it(tmp_path: Path) -> None:
+    """The dead ingest's replay journal died with it, so every worker checkpoints at once: a worker
+    killed right after resumes with every tick, long before its snapshot_interval (1 h here) is due."""
+    ticks = make_ticks(2_000, keys=10, seed=8)
+    more = make_ticks(300, keys=10, seed=9, start_ns=ticks[-1]["t"] + 1)
+    with running_daemon(tmp_path, workers=1, extra_toml=state_toml(tmp_path / "state", interval="1h")) as daemon:
+        sub = Subscriber(daemon)
+        sub.sync()
+        send_ticks(daemon.ingest, ticks)
+        daemon.wait_idle()
+        ingest = next(pid for pid in daemon.children() if "streamd-ingest" in Path(f"/proc/{pid}/comm").read_text())
+        os.kill(ingest, signal.SIGKILL)
+        daemon.wait_for(
+            lambda: daemon.metric('streamd_checkpoints_total{result="written"}') >= 1,
+            what="a checkpoint right after the ingest's death",
+        )
+        daemon.wait_for(lambda: "ingest started" in daemon.log().split("ingest died, restarting")[-1], what="ingest")
+        os.kill(daemon.worker_pids()[0], signal.SIGKILL)
+        daemon.wait_for(lambda: daemon.metric("streamd_worker_restarts_total") == 1, what="the worker's restart")
+        daemon.wait_for(lambda: daemon.metric("streamd_worker_up") == 1, what="the worker up again")
+        send_ticks(daemon.ingest, more)
+        samples = daemon.wait_idle()
+        sub.drain(0.5)
+        sub.close()
+        log = daemon.log()
+    assert "ticks missing from the replay" not in log and "Traceback" not in log
+    assert not {k: v for k, v in samples.items() if k.startswith("streamd_ticks_dropped_total") and v}
+    records = [r for r in real(sub.records) if r["t"] >= more[0]["t"]]
+    assert_every_last_tick_published(records, more)
+    assert check_records_against_pandas(records, ticks + more, daemon.config_path) == len(records)
+
+
 def test_a_new_worker_count_reshards_the_checkpointed_keys(tmp_path: Path) -> None:
     """Stopped with 2 workers, started with 3: every key's windows continue on its new worker."""
     ticks = make_ticks(2_000, keys=30, seed=7)
