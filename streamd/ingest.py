@@ -335,7 +335,7 @@ class Ingest:
             outbox.add(select((slots, t, p, q), known), recv_ns)
         if not outbox.fresh_ticks:
             outbox.fresh_due_ns = recv_ns + _FRESH_PATIENCE_NS
-        outbox.add(select((slots, t, p, q), pending), recv_ns, fresh=True)
+        outbox.add_fresh(select((slots, t, p, q), pending), recv_ns, self.router.floor(worker, slots[pending]))
 
     # flow control: when a worker's outbox leaves ------------------------------------------
     def _dispatch(self, *, everything: bool = False) -> None:
@@ -417,6 +417,7 @@ class Ingest:
         oldest_ns = outbox.oldest_ns if outbox.ticks else outbox.fresh_oldest_ns
         self.outboxes[worker] = Outbox(
             fresh_parts=outbox.fresh_parts,
+            fresh_floors=outbox.fresh_floors,
             fresh_ticks=outbox.fresh_ticks,
             fresh_oldest_ns=outbox.fresh_oldest_ns,
             fresh_due_ns=time.time_ns() + _FRESH_PATIENCE_NS if fresh_keys else outbox.fresh_due_ns,

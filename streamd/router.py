@@ -40,7 +40,9 @@ class Outbox:
 
     The known lane holds ticks of keys the worker knows, or learns from ``new_keys`` in the
     next batch; the fresh lane holds ticks of pending keys (announced in ``fresh_keys``, in
-    first-seen order), which leave when :meth:`KeyRouter.admit` lets their keys go.
+    first-seen order), which leave when :meth:`KeyRouter.admit` lets their keys go. Each fresh
+    part carries the lowest first-seen rank of its keys, so that admitting the oldest keys
+    looks only at the parts that hold their ticks, not at the whole lane.
     """
 
     parts: list[Columns] = field(default_factory=list)
@@ -49,20 +51,23 @@ class Outbox:
     new_keys: list[tuple[int, str | int]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)  # slots released since the last batch (after its ticks)
     fresh_parts: list[Columns] = field(default_factory=list)
+    fresh_floors: list[int] = field(default_factory=list)  # per fresh part: the lowest rank of its keys
     fresh_ticks: int = 0
     fresh_oldest_ns: int = 0
     fresh_due_ns: int = 0  # when the fresh lane lets keys go even to a busy worker (set by the ingest)
-    fresh_keys: list[tuple[int, str | int]] = field(default_factory=list)
+    fresh_keys: deque[tuple[int, str | int]] = field(default_factory=deque)  # oldest first, taken from the left
 
-    def add(self, columns: Columns, recv_ns: int, *, fresh: bool = False) -> None:
-        if fresh:
-            self.fresh_oldest_ns = self.fresh_oldest_ns if self.fresh_ticks else recv_ns
-            self.fresh_parts.append(columns)
-            self.fresh_ticks += len(columns[1])
-        else:
-            self.oldest_ns = self.oldest_ns if self.ticks else recv_ns
-            self.parts.append(columns)
-            self.ticks += len(columns[1])
+    def add(self, columns: Columns, recv_ns: int) -> None:
+        self.oldest_ns = self.oldest_ns if self.ticks else recv_ns
+        self.parts.append(columns)
+        self.ticks += len(columns[1])
+
+    def add_fresh(self, columns: Columns, recv_ns: int, floor: int) -> None:
+        """Ticks of pending keys; ``floor``: the lowest first-seen rank among them (:meth:`KeyRouter.floor`)."""
+        self.fresh_oldest_ns = self.fresh_oldest_ns if self.fresh_ticks else recv_ns
+        self.fresh_parts.append(columns)
+        self.fresh_floors.append(floor)
+        self.fresh_ticks += len(columns[1])
 
 
 class WorkerTicks(NamedTuple):
@@ -103,6 +108,8 @@ class KeyRouter:
         self._releasing: list[dict[int, str | int]] = [{} for _ in range(workers)]
         self._last_seen = np.zeros(0, np.int64)  # per code: epoch of its newest tick
         self._pending = np.zeros(0, bool)  # per code: a new key its worker has not been told about
+        self._rank = np.zeros(0, np.int64)  # per code: when its key was first seen, counted in keys
+        self._next_rank = 0
         self._key_of = np.empty(0, dtype=object)  # per code: its key (None when free)
 
     @property
@@ -141,19 +148,30 @@ class KeyRouter:
     def admit(self, worker: int, outbox: Outbox, keys: int) -> Columns | None:
         """Let up to ``keys`` pending keys of ``worker`` go: their announcements move to ``new_keys``
         and their ticks (all of them, in order) are returned; the rest stay in the fresh lane."""
-        admitted, outbox.fresh_keys = outbox.fresh_keys[:keys], outbox.fresh_keys[keys:]
+        waiting = outbox.fresh_keys
+        admitted = [waiting.popleft() for _ in range(min(keys, len(waiting)))]
         if not admitted:
             return None
         outbox.new_keys.extend(admitted)
-        slots = np.fromiter((slot for slot, _ in admitted), np.int64, len(admitted))
-        self._pending[slots * self.workers + worker] = False
-        if not outbox.fresh_parts:
-            return None
-        columns = concatenated(outbox.fresh_parts)
-        still = self._pending[columns[0] * self.workers + worker]
-        outbox.fresh_parts = [select(columns, still)] if still.any() else []
-        outbox.fresh_ticks = int(np.count_nonzero(still))
-        return select(columns, ~still)
+        codes = np.fromiter((slot for slot, _ in admitted), np.int64, len(admitted)) * self.workers + worker
+        self._pending[codes] = False
+        top = int(self._rank[codes[-1]])  # admitted keys are the oldest pending ones: no part below holds them
+        leaving: list[Columns] = []
+        parts, floors = outbox.fresh_parts, outbox.fresh_floors
+        for i in [i for i, floor in enumerate(floors) if floor <= top]:
+            codes = parts[i][0] * self.workers + worker
+            still = self._pending[codes]
+            leaving.append(select(parts[i], ~still))
+            parts[i] = select(parts[i], still)
+            floors[i] = int(self._rank[codes[still]].min()) if still.any() else _FREE
+        outbox.fresh_parts = [part for part in parts if len(part[0])]
+        outbox.fresh_floors = [floor for part, floor in zip(parts, floors, strict=True) if len(part[0])]
+        outbox.fresh_ticks -= sum(len(part[0]) for part in leaving)
+        return concatenated(leaving) if leaving else None
+
+    def floor(self, worker: int, slots: Int64Array) -> int:
+        """The lowest first-seen rank among pending keys of ``worker`` (for :meth:`Outbox.add_fresh`)."""
+        return int(self._rank[slots * self.workers + worker].min())
 
     def announcement(self, worker: int) -> list[tuple[int, str | int]]:
         """Every ``(slot, key)`` of ``worker``: what its replacement must be told before any tick.
@@ -267,10 +285,14 @@ class KeyRouter:
             last_seen[: len(self._last_seen)] = self._last_seen
             pending = np.zeros(size, bool)
             pending[: len(self._pending)] = self._pending
-            self._key_of, self._last_seen, self._pending = key_of, last_seen, pending
+            rank = np.zeros(size, np.int64)
+            rank[: len(self._rank)] = self._rank
+            self._key_of, self._last_seen, self._pending, self._rank = key_of, last_seen, pending, rank
         self._key_of[codes] = keys
         self._last_seen[codes] = self.epoch
         self._pending[codes] = True
+        self._rank[codes] = np.arange(self._next_rank, self._next_rank + len(codes))
+        self._next_rank += len(codes)
 
     def _ticks_by_worker(self, workers: Int64Array) -> list[Int64Array]:
         """Per worker, the indices of its ticks in arrival order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections import deque
 
 import numpy as np
 import zmq
@@ -183,13 +184,13 @@ class TestFlowControl:
         """The fresh lane: pending keys join a batch for an idle worker, or a busy one that applied the
         last new keys it got; otherwise a busy worker gets the known lane alone, and pending keys
         only once the lane is due again."""
-        fresh = Outbox(ticks=1, oldest_ns=1_000, fresh_keys=[(0, "N")], fresh_ticks=1, fresh_due_ns=50_000_000)
+        fresh = Outbox(ticks=1, oldest_ns=1_000, fresh_keys=deque([(0, "N")]), fresh_ticks=1, fresh_due_ns=50_000_000)
         assert fresh_keys_to_send(fresh, 0, self.LATENCY, now_ns=1_000, fresh_applied=False) == 1_000
         assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=2_000, fresh_applied=False) is None
         assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=2_000, fresh_applied=True) == 1_000
         assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=1_001_000, fresh_applied=False) == 0
         assert fresh_keys_to_send(fresh, 500, self.LATENCY, now_ns=50_000_000, fresh_applied=False) == 1_000
-        only_fresh = Outbox(fresh_keys=[(0, "N")], fresh_ticks=1, fresh_due_ns=50_000_000)
+        only_fresh = Outbox(fresh_keys=deque([(0, "N")]), fresh_ticks=1, fresh_due_ns=50_000_000)
         assert fresh_keys_to_send(only_fresh, 500, self.LATENCY, now_ns=49_999_999, fresh_applied=False) is None
         assert leaves_by(only_fresh, self.LATENCY) == 50_000_000
         assert leaves_by(fresh, self.LATENCY) == 1_001_000

@@ -40,7 +40,7 @@ class TestSplit:
                 worker, slot = slot_of[key]
                 expected[worker].append((slot, i))
             assert [list(zip(p.slots.tolist(), p.t.tolist(), strict=True)) for p in parts] == expected
-            assert [outbox.fresh_keys for outbox in outboxes] == announced
+            assert [list(outbox.fresh_keys) for outbox in outboxes] == announced
 
     def test_split_without_known_codes(self) -> None:
         """A flush decoded without the router's codes is routed all the same."""
@@ -77,7 +77,7 @@ class TestAnnouncement:
         assert {k for _, k in router.announcement(0)} == {k for k in keys if shard_for(k, 2) == 0}
         again = [Outbox(), Outbox()]
         router.route(keys, again)
-        assert again[0].fresh_keys == again[1].fresh_keys == []
+        assert not again[0].fresh_keys and not again[1].fresh_keys
 
 
 def admit_all(router: KeyRouter, outboxes: list[Outbox]) -> None:
@@ -196,8 +196,12 @@ class TestFreshLane:
             if admitted is not None:
                 parts.append(admitted)
             known[worker].update(outbox.new_keys)
+            assert outbox.fresh_ticks == sum(len(part[0]) for part in outbox.fresh_parts)
             outboxes[worker] = Outbox(
-                fresh_parts=outbox.fresh_parts, fresh_ticks=outbox.fresh_ticks, fresh_keys=outbox.fresh_keys
+                fresh_parts=outbox.fresh_parts,
+                fresh_floors=outbox.fresh_floors,
+                fresh_ticks=outbox.fresh_ticks,
+                fresh_keys=outbox.fresh_keys,
             )
             for slots, t, _, _ in parts:
                 for slot, tick in zip(slots.tolist(), t.tolist(), strict=True):
@@ -218,7 +222,8 @@ class TestFreshLane:
                     else:
                         assert pending.any()
                         outboxes[worker].add((slots[~pending], t[~pending], p[~pending], q[~pending]), 0)
-                        outboxes[worker].add((slots[pending], t[pending], p[pending], q[pending]), 0, fresh=True)
+                        fresh = (slots[pending], t[pending], p[pending], q[pending])
+                        outboxes[worker].add_fresh(fresh, 0, router.floor(worker, slots[pending]))
             elif arg[0] < workers:
                 send(*arg)
         for worker in range(workers):
