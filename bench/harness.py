@@ -320,6 +320,24 @@ class Payloads:
 # -- processes: generator, raw receiver, subscriber ------------------------------------------
 
 
+@dataclass(frozen=True)
+class EventClock:
+    """Event times on a schedule: message ``i`` of the whole feed happens at ``start_ns + i / msgs_per_s``.
+
+    Without it a message is stamped when it is sent. Under back-pressure that packs event times:
+    a PUSH sender blocked at its high-water mark is let go only once the receiver has taken half
+    of its queue (ZeroMQ's low-water mark), and then sends a burst stamped within milliseconds.
+    A real feed's ticks happen at their own rate whatever the receiver does, which is what this
+    models; a 1 s window over it holds one second of the feed's ticks.
+    """
+
+    start_ns: int
+    msgs_per_s: float  # of the whole feed, across its generators
+
+    def end_ns(self, messages: int) -> int:
+        return self.start_ns + int(messages * 1e9 / self.msgs_per_s)
+
+
 def generator_main(
     endpoint: str,
     feed: Feed,
@@ -330,12 +348,14 @@ def generator_main(
     ready: Any,
     go: Any,
     results: Any,
+    clock: EventClock | None = None,
 ) -> None:
     """PUSH pre-encoded payloads at ``msgs_per_s`` (0 = as fast as possible) for ``duration`` s.
 
     Paced by a schedule (message i is due at ``i / rate``), not by sleeps per message, so the
     offered rate holds on average even when the OS delays us; a blocked ``send`` (the receiver's
-    high-water mark) shows up as an achieved rate below the offered one.
+    high-water mark) shows up as an achieved rate below the offered one. Messages are stamped
+    when sent, or on ``clock`` (generator ``part`` takes every ``parts``-th message of it).
     """
     payloads = Payloads(feed, part, parts)
     ctx = zmq.Context()
@@ -346,6 +366,13 @@ def generator_main(
     ready.set()
     go.wait()
     now_ns = time.time_ns
+    if clock is not None:
+        step_ns = 1e9 * parts / clock.msgs_per_s
+        first_ns = clock.start_ns + 1e9 * part / clock.msgs_per_s
+
+        def event_ns(i: int) -> int:
+            return int(first_ns + i * step_ns)
+
     send = sock.send
     stamped = payloads.stamped
     sent = 0
@@ -361,7 +388,7 @@ def generator_main(
             time.sleep(min(0.0002, (sent + 1) / msgs_per_s - (now - start)))
             continue
         for i in range(sent, min(due, sent + 2_000)):
-            send(stamped(i, now_ns()))
+            send(stamped(i, now_ns() if clock is None else event_ns(i)))
         sent = min(due, sent + 2_000)
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
@@ -517,11 +544,12 @@ def offer_load(
     duration: float,
     generators_per_endpoint: int = 1,
     during: Any = None,
+    clock: EventClock | None = None,
 ) -> dict[str, Any]:
     """Run paced PUSH processes together, ``generators_per_endpoint`` per endpoint, keys split between
     them by :func:`bench.ticks.feed_part` (generator ``i`` sends to endpoint ``i % len(endpoints)``);
     return the offered and achieved rates and the generators' CPU seconds. ``during()`` is called
-    every 0.5 s while they run (for sampling)."""
+    every 0.5 s while they run (for sampling). With ``clock``, ticks carry its event times."""
     parts = len(endpoints) * generators_per_endpoint
     msgs_per_s = ticks_per_s / feed.ticks_per_message / parts if ticks_per_s else 0.0
     go, results = CONTEXT.Event(), CONTEXT.Queue()
@@ -530,7 +558,8 @@ def offer_load(
         ready = CONTEXT.Event()
         endpoint = endpoints[part % len(endpoints)]
         process = CONTEXT.Process(
-            target=generator_main, args=(endpoint, feed, part, parts, msgs_per_s, duration, ready, go, results)
+            target=generator_main,
+            args=(endpoint, feed, part, parts, msgs_per_s, duration, ready, go, results, clock),
         )
         process.start()
         processes.append(process)
@@ -552,6 +581,7 @@ def offer_load(
     return {
         "offered": ticks_per_s,
         "ticks": ticks,
+        "messages": sum(r["messages"] for r in reports),
         "achieved": ticks / elapsed,
         "elapsed": elapsed,
         "generator_cpu_s": sum(r["cpu_s"] for r in reports),
