@@ -346,7 +346,10 @@ def new_key_rate(seconds: float) -> Table:
     table.notes.append("new keys/s: keys the ingest started routing per second (streamd_ingest_keys + released)")
     table.notes.append("shed/s: ticks of new keys dropped as new_key_backlog (the workers had no room for them)")
     table.notes.append("live latency: subscriber receive wall clock - send wall clock, px1s records of live keys")
-    table.notes.append("live records per tick: px1s records of live keys received by the time the daemon was idle")
+    table.notes.append(
+        "live records per tick: px1s records of live keys received by the time the daemon was idle, per live tick "
+        "sent; a batch publishes one record per key it touched, so this falls as a busy worker's batches grow"
+    )
     table.data = phases
     return table
 
