@@ -4,7 +4,8 @@
    daemon with ``key_ttl = "10s"``; the resident memory of all daemon processes (from /proc) is
    sampled over time. Once a key_ttl has passed, keys are evicted as fast as they arrive, so memory
    stays flat: the slope after warm-up is printed. Then what an eviction costs per key, in process.
-2. New-key rate: per ingest, a feed where every tick is a new key, as fast as the daemon takes it
+2. Admission: what letting 1,000 new keys go costs the ingest, by the backlog of new keys' ticks.
+3. New-key rate: per ingest, a feed where every tick is a new key, as fast as the daemon takes it
    and paced at 200k keys/s, while live keys tick beside it; the live keys' record latency and rate
    are compared with a run without the flood, in the same daemon, as ratios.
 """
@@ -258,6 +259,32 @@ def eviction_cost(n: int, repeats: int = 3) -> Table:
     return table
 
 
+def admission_cost(per_message: int = 1_000, keys: int = 1_000, repeats: int = 30) -> Table:
+    """What letting ``keys`` new keys go costs the ingest, by fresh-lane backlog, in process (median of ``repeats``).
+
+    A flood of single-tick keys fills the lane in parts of ``per_message`` ticks, as drains of a
+    flood do; each admission then takes the oldest ``keys`` keys and all their ticks.
+    """
+    table = Table(
+        f"Admission cost at the ingest: {keys:,} new keys let go, by fresh-lane backlog (median of {repeats})",
+        ["backlog (ticks)", "ms per admission"],
+    )
+    for backlog in (100_000, 1_000_000, 2_000_000):
+        router = KeyRouter(1)
+        outbox = Outbox()
+        for start in range(0, backlog, per_message):
+            codes = router.route([f"n{i}" for i in range(start, start + per_message)], [outbox])
+            ones = np.ones(per_message)
+            outbox.add_fresh((codes, np.arange(per_message, dtype=np.int64), ones, ones), 0, router.floor(0, codes))
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            router.admit(0, outbox, keys)
+            times.append(time.perf_counter() - started)
+        table.add(f"{backlog:,}", f"{np.median(times) * 1e3:.3f}")
+    return table
+
+
 # -- 2. new-key rate with live keys beside -----------------------------------------------------
 
 
@@ -357,7 +384,7 @@ def new_key_rate(seconds: float) -> Table:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.keyflood", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1.2 M keys and shorter phases (validation)")
-    parser.add_argument("--only", choices=("memory", "rate"), help="run one of the two parts")
+    parser.add_argument("--only", choices=("memory", "rate", "admission"), help="run one of the parts")
     return parser.parse_args(argv)
 
 
@@ -369,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(memory_under_flood(total, rate, 10.0))
         tables.append(eviction_cost(100_000 if args.quick else 1_000_000))
         print_tables(tables[-2:])
+    if args.only in (None, "admission"):
+        tables.append(admission_cost())
+        print_tables(tables[-1:])
     if args.only in (None, "rate"):
         tables.append(new_key_rate(4.0 if args.quick else 10.0))
         print_tables(tables[-1:])
