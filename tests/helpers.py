@@ -160,7 +160,13 @@ def accounting(samples: dict[str, float]) -> float:
 
 
 def daemon_config(
-    ingest: str | list[str], publish: str, metrics: str, workers: int, extra_toml: str, ingest_toml: str = ""
+    ingest: str | list[str],
+    publish: str,
+    metrics: str,
+    workers: int,
+    extra_toml: str,
+    ingest_toml: str = "",
+    workers_toml: str = "",
 ) -> str:
     endpoints = ", ".join(f'"{e}"' for e in ([ingest] if isinstance(ingest, str) else ingest))
     return f"""
@@ -173,6 +179,7 @@ endpoint = "{publish}"
 listen = "{metrics}"
 [workers]
 count = {workers}
+{workers_toml}
 [shutdown]
 graceful_timeout = "5s"
 {extra_toml}
@@ -219,6 +226,7 @@ def running_daemon(
     ingest: str | None = None,
     ingest_toml: str = "",
     ingests: int = 1,
+    workers_toml: str = "",
 ) -> Iterator[Daemon]:
     """Start ``streamd run`` on free ports (``ingests`` input endpoints), wait until ready, always stop it."""
     endpoints = [ingest or f"tcp://127.0.0.1:{free_port()}"] + [
@@ -228,7 +236,7 @@ def running_daemon(
     publish = f"tcp://127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
     config_path = tmp_path / "streamd.toml"
-    config_path.write_text(daemon_config(endpoints, publish, metrics, workers, extra_toml, ingest_toml))
+    config_path.write_text(daemon_config(endpoints, publish, metrics, workers, extra_toml, ingest_toml, workers_toml))
     log_path = tmp_path / "streamd.log"
     proc = start_daemon(config_path, log_path)
     daemon = Daemon(proc, ingest, publish, metrics, config_path, log_path, endpoints)
