@@ -35,6 +35,7 @@ from streamd.metrics import WorkerMetrics
 from streamd.persistence import CheckpointWriter, Restored, Written, checkpoint_path, iso, load_for_worker
 from streamd.records import encode_batch_record, encode_record_payloads, record_heads, topics_for
 from streamd.runtime import RuntimePaths, die_with_parent, name_process
+from streamd.subscriptions import Subscriptions
 from streamd.transport import EndOfInput, PartitionDropped, PartitionOwned, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine, SignalResult
 
@@ -121,17 +122,32 @@ class Throttle:
 
 
 class SignalPublisher:
-    """Publishes one signal's rows in record or batch mode, honouring ``emit_interval``."""
+    """Publishes one signal's rows in record or batch mode, honouring ``emit_interval``.
+
+    Rows whose topic no subscriber wants are counted as published but never named, encoded or
+    sent: the PUB socket would have dropped them, after all that work.
+    """
 
     def __init__(
-        self, spec: SignalSpec, sock: zmq.Socket[Any], metrics: WorkerMetrics, extra: tuple[str, ...] = ()
+        self,
+        spec: SignalSpec,
+        sock: zmq.Socket[Any],
+        metrics: WorkerMetrics,
+        subscriptions: Subscriptions,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.spec = spec
         self.fields = (*spec.stats, *extra)  # extra: per-row fields beside the stats (cluster: part, fence)
         self._sock = sock
-        self._topics = np.empty(0, dtype=object)  # per local key index, built when first published
-        self._heads = np.empty(0, dtype=object)
-        self._named = np.zeros(0, bool)
+        self._subscriptions = subscriptions
+        self._batch_topic = spec.name.encode()
+        self._topics = np.empty(0, dtype=object)  # per local key index, built when first needed
+        self._heads = np.empty(0, dtype=object)  # per local key index, built when first published
+        self._has_topic = np.zeros(0, bool)
+        self._has_head = np.zeros(0, bool)
+        self._wanted = np.zeros(0, bool)  # per local key index: some subscriber wants its topic
+        self._checked = np.zeros(0, bool)  # per local key index: _wanted is as of _checked_version
+        self._checked_version = subscriptions.version
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
         self._dropped = metrics.publish_dropped.labels(spec.name)
@@ -143,22 +159,57 @@ class SignalPublisher:
             result = self._throttle.release(indices)
             if result is not None:
                 self._send(result, keys)
-        self._named[indices[indices < len(self._named)]] = False
+        known = indices[indices < len(self._topics)]
+        self._topics[known] = self._heads[known] = None
+        self._has_topic[known] = self._has_head[known] = self._checked[known] = False
 
-    def _names(self, slots: np.ndarray, keys: np.ndarray) -> tuple[list[bytes], list[bytes]]:
-        """Topics and record heads of these key indices, built once per key lifetime, when first needed."""
-        if len(self._named) < len(keys):
-            extra = len(keys) - len(self._named)
-            self._named = np.concatenate([self._named, np.zeros(extra, bool)])
-            self._heads = np.concatenate([self._heads, np.full(extra, None)])
+    def _cover(self, keys: np.ndarray) -> None:
+        """Per-key tables long enough for every local key index."""
+        extra = len(keys) - len(self._topics)
+        if extra > 0:
             self._topics = np.concatenate([self._topics, np.full(extra, None)])
-        unnamed = slots[~self._named[slots]]
-        if len(unnamed):
-            new = keys[unnamed].tolist()
-            self._heads[unnamed] = record_heads(self.spec.name, new, len(self.fields))
-            self._topics[unnamed] = topics_for(self.spec.name, new)
-            self._named[unnamed] = True
-        return self._heads[slots].tolist(), self._topics[slots].tolist()
+            self._heads = np.concatenate([self._heads, np.full(extra, None)])
+            self._has_topic = np.concatenate([self._has_topic, np.zeros(extra, bool)])
+            self._has_head = np.concatenate([self._has_head, np.zeros(extra, bool)])
+            self._wanted = np.concatenate([self._wanted, np.zeros(extra, bool)])
+            self._checked = np.concatenate([self._checked, np.zeros(extra, bool)])
+
+    def _topics_of(self, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Topics of these key indices, built once per key lifetime."""
+        missing = slots[~self._has_topic[slots]]
+        if len(missing):
+            self._topics[missing] = topics_for(self.spec.name, keys[missing].tolist())
+            self._has_topic[missing] = True
+        topics: np.ndarray = self._topics[slots]
+        return topics
+
+    def _heads_of(self, slots: np.ndarray, keys: np.ndarray) -> list[bytes]:
+        """Record heads of these key indices, built once per key lifetime, when first published."""
+        missing = slots[~self._has_head[slots]]
+        if len(missing):
+            self._heads[missing] = record_heads(self.spec.name, keys[missing].tolist(), len(self.fields))
+            self._has_head[missing] = True
+        heads: list[bytes] = self._heads[slots].tolist()
+        return heads
+
+    def _wanted_rows(self, slots: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+        """Which rows some subscriber wants (None: all of them); answers are cached per key until
+        the subscriptions change, and only looked up for keys a batch touches."""
+        subscriptions = self._subscriptions
+        if subscriptions.everything:
+            return None
+        if subscriptions.nothing:
+            return np.zeros(len(slots), bool)
+        if subscriptions.version != self._checked_version:
+            self._checked[:] = False
+            self._checked_version = subscriptions.version
+        unchecked = slots[~self._checked[slots]]
+        if len(unchecked):
+            wants = subscriptions.wants
+            self._wanted[unchecked] = [wants(topic) for topic in self._topics_of(unchecked, keys).tolist()]
+            self._checked[unchecked] = True
+        wanted: np.ndarray = self._wanted[slots]
+        return wanted
 
     def publish(self, result: SignalResult, keys: np.ndarray) -> None:
         if self._throttle is not None:
@@ -192,32 +243,51 @@ class SignalPublisher:
         rows = len(result.slots)
         if not rows:
             return
-        stats = {name: result.stats[name] for name in self.fields}
-        pub_ns = time.time_ns()
-        sent = 0
+        self._cover(keys)
         if self.spec.publish == "batch":
-            row_keys = keys[result.slots].tolist()
-            topic, payload = encode_batch_record(self.spec.name, row_keys, result.t, stats, pub_ns)
-            with contextlib.suppress(zmq.Again):
-                self._sock.send(topic, _SNDMORE | _NOBLOCK)
-                self._sock.send(payload)
-                self._messages.inc()
-                sent = rows
+            sent = self._send_batch(result, keys) if self._subscriptions.wants(self._batch_topic) else rows
         else:
-            heads, topics = self._names(result.slots, keys)
-            payloads = encode_record_payloads(heads, result.t, stats, pub_ns)
-            send = self._sock.send
-            for topic, payload in zip(topics, payloads, strict=True):
-                try:
-                    send(topic, _SNDMORE | _NOBLOCK)
-                except zmq.Again:
-                    continue
-                send(payload)
-                sent += 1
-            self._messages.inc(sent)
+            sent = self._send_records(result, keys)
         self._published.inc(sent)
         if sent < rows:
             self._dropped.inc(rows - sent)
+
+    def _send_batch(self, result: SignalResult, keys: np.ndarray) -> int:
+        """All rows as one columnar message; returns the rows that left (all or none)."""
+        stats = {name: result.stats[name] for name in self.fields}
+        topic, payload = encode_batch_record(
+            self.spec.name, keys[result.slots].tolist(), result.t, stats, time.time_ns()
+        )
+        try:
+            self._sock.send(topic, _SNDMORE | _NOBLOCK)
+        except zmq.Again:
+            return 0
+        self._sock.send(payload)
+        self._messages.inc()
+        return len(result.slots)
+
+    def _send_records(self, result: SignalResult, keys: np.ndarray) -> int:
+        """One message per row some subscriber wants; returns the rows that left or were not wanted."""
+        slots, t, rows = result.slots, result.t, len(result.slots)
+        wanted = self._wanted_rows(slots, keys)
+        stats = {name: result.stats[name] for name in self.fields}
+        if wanted is not None:
+            slots, t, stats = slots[wanted], t[wanted], {name: column[wanted] for name, column in stats.items()}
+        unwanted = rows - len(slots)
+        if not len(slots):
+            return unwanted
+        payloads = encode_record_payloads(self._heads_of(slots, keys), t, stats, time.time_ns())
+        send = self._sock.send
+        sent = 0
+        for topic, payload in zip(self._topics_of(slots, keys).tolist(), payloads, strict=True):
+            try:
+                send(topic, _SNDMORE | _NOBLOCK)
+            except zmq.Again:
+                continue
+            send(payload)
+            sent += 1
+        self._messages.inc(sent)
+        return unwanted + sent
 
 
 class Worker:
@@ -248,6 +318,7 @@ class Worker:
         self.newest_event_ns = 0
         self.running = True
         self.orphaned = False  # the supervisor died: nobody reads our signals any more
+        self.subscriptions = Subscriptions()
 
     def startup(self) -> None:
         self.ctx = zmq.Context()
@@ -261,7 +332,7 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.paths.ack_endpoint(ingest))
             self.acks.append(sock)
-        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub = self.ctx.socket(zmq.XPUB)  # a PUB that also hears the subscriptions (Subscriptions)
         self.pub.setsockopt(zmq.SNDHWM, self.config.publish.sndhwm)
         self.pub.setsockopt(zmq.XPUB_NODROP, 1)
         self.pub.setsockopt(zmq.LINGER, 2000)
@@ -280,6 +351,7 @@ class Worker:
         poller.register(self.conn.fileno(), zmq.POLLIN)
         while self.running:
             poller.poll(self._poll_timeout_ms())
+            self._hear_subscriptions()
             self._drain()
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
@@ -287,6 +359,15 @@ class Worker:
             self._write_off_lost_batches()
             self._maybe_checkpoint()
             self._on_control()
+
+    def _hear_subscriptions(self) -> None:
+        """Apply what subscribers asked for since the last look, before anything is published."""
+        while True:
+            try:
+                message = self.pub.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            self.subscriptions.apply(message)
 
     def _poll_timeout_ms(self) -> int:
         intervals = [p.spec.emit_interval_ns for p in self.publishers if p.spec.emit_interval_ns]
@@ -486,7 +567,7 @@ class Worker:
 
     def _publishers(self, signals: tuple[SignalSpec, ...]) -> list[SignalPublisher]:
         extra = FENCE_FIELDS if self.view is not None else ()
-        return [SignalPublisher(spec, self.pub, self.metrics, extra) for spec in signals]
+        return [SignalPublisher(spec, self.pub, self.metrics, self.subscriptions, extra) for spec in signals]
 
     # state that outlives the process ------------------------------------------------------
     def _restore(self) -> None:

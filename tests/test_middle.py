@@ -8,6 +8,8 @@ from collections import deque
 
 import numpy as np
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from streamd.children import RestartPolicy
@@ -16,6 +18,7 @@ from streamd.ingest import fresh_keys_to_send, leaves_by, send_now
 from streamd.ledger import TickLedger
 from streamd.metrics import SupervisorCollector, SupervisorView, WorkerMetrics
 from streamd.router import Outbox
+from streamd.subscriptions import Subscriptions
 from streamd.windows import SignalResult
 from streamd.worker import KeyTable, SignalPublisher, Throttle
 
@@ -124,7 +127,9 @@ class TestSignalPublisher:
             sub.connect("inproc://publisher-test")
             time.sleep(0.05)
             spec = SignalSpec("s", "count", 3, ("mean",))
-            publisher = SignalPublisher(spec, pub, metrics)
+            everything = Subscriptions()
+            everything.apply(b"\x01")
+            publisher = SignalPublisher(spec, pub, metrics, everything)
             keys = [f"K{i}" for i in range(100)]
             slots = np.arange(100)
             result = SignalResult(slots, np.arange(100), {"mean": np.ones(100)})
@@ -138,6 +143,64 @@ class TestSignalPublisher:
         assert published is not None and dropped is not None
         assert published + dropped == 100
         assert 0 < published < 100
+
+    def test_rows_no_subscriber_wants_are_counted_but_never_sent(self) -> None:
+        """Only rows whose topic a subscription prefixes leave; the rest count as published, and a
+        new subscription is honoured from the next batch on."""
+        registry = CollectorRegistry()
+        metrics = WorkerMetrics(0, registry=registry)
+        ctx = zmq.Context()
+        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+        subscriptions = Subscriptions()
+        subscriptions.apply(b"\x01s.K1")
+        try:
+            for sock in (pub, sub):
+                sock.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            pub.bind("inproc://publisher-subscriptions")
+            sub.connect("inproc://publisher-subscriptions")
+            time.sleep(0.05)
+            publisher = SignalPublisher(SignalSpec("s", "count", 3, ("mean",)), pub, metrics, subscriptions)
+            keys = np.array([f"K{i}" for i in range(30)], dtype=object)
+            result = SignalResult(np.arange(30), np.arange(30), {"mean": np.ones(30)})
+            publisher.publish(result, keys)
+            subscriptions.apply(b"\x01s.K2")
+            subscriptions.apply(b"\x00s.K1")
+            publisher.publish(result, keys)
+            time.sleep(0.05)
+            topics = []
+            while sub.poll(0):
+                topics.append(sub.recv_multipart()[0].decode())
+        finally:
+            pub.close(0)
+            sub.close(0)
+            ctx.term()
+        first = ["s.K1"] + [f"s.K{i}" for i in range(10, 20)]
+        second = ["s.K2"] + [f"s.K{i}" for i in range(20, 30)]
+        assert topics == first + second
+        assert registry.get_sample_value("streamd_signals_published_total", {"signal": "s"}) == 60
+        assert registry.get_sample_value("streamd_publish_messages_total", {"signal": "s"}) == 22
+
+
+class TestSubscriptions:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(st.booleans(), st.binary(max_size=4)), max_size=12),
+        st.lists(st.binary(max_size=6), min_size=1, max_size=8),
+    )
+    def test_matches_byte_prefixes_as_zeromq_does(self, changes: list[tuple[bool, bytes]], topics: list[bytes]) -> None:
+        """Subscribe and unsubscribe in any order (counted, as XPUB passes them): a topic is wanted
+        exactly when one of the prefixes still subscribed starts it."""
+        subscriptions = Subscriptions()
+        held: dict[bytes, int] = {}
+        for subscribe, prefix in changes:
+            subscriptions.apply(bytes([int(subscribe)]) + prefix)
+            held[prefix] = max(0, held.get(prefix, 0) + (1 if subscribe else -1))
+        live = [prefix for prefix, count in held.items() if count]
+        for topic in topics:
+            assert subscriptions.wants(topic) == any(topic.startswith(prefix) for prefix in live)
+        assert subscriptions.everything == (b"" in live)
+        assert subscriptions.nothing == (not live)
 
 
 class TestThrottle:
