@@ -119,7 +119,10 @@ class WorkerMetrics:
             "streamd_ticks_dropped_total", "Ticks dropped, by reason.", ["reason"], registry=registry
         )
         self.signals_published = Counter(
-            "streamd_signals_published_total", "Signal rows published (one per key).", ["signal"], registry=registry
+            "streamd_signals_published_total",
+            "Signal rows published (one per key), including rows no subscriber wanted, which are not sent.",
+            ["signal"],
+            registry=registry,
         )
         self.publish_dropped = Counter(
             "streamd_publish_dropped_total",
@@ -128,7 +131,10 @@ class WorkerMetrics:
             registry=registry,
         )
         self.publish_messages = Counter(
-            "streamd_publish_messages_total", "ZeroMQ messages published.", ["signal"], registry=registry
+            "streamd_publish_messages_total",
+            "ZeroMQ messages sent towards the publish endpoint (none for rows no subscriber wants).",
+            ["signal"],
+            registry=registry,
         )
         self.latency = Histogram(
             "streamd_latency_seconds",
