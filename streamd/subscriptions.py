@@ -20,15 +20,6 @@ class Subscriptions:
         self._lengths: list[int] = []  # distinct prefix lengths, shortest first
         self.version = 0  # bumped on every change: cached answers older than it are stale
 
-    @property
-    def everything(self) -> bool:
-        """Someone subscribed to the empty prefix: every topic is wanted."""
-        return b"" in self._count
-
-    @property
-    def nothing(self) -> bool:
-        return not self._count
-
     def apply(self, message: bytes) -> None:
         """One message from the XPUB socket: a subscribe (1) or unsubscribe (0) byte, then the prefix."""
         if not message or message[0] not in (_SUBSCRIBE, _UNSUBSCRIBE):
@@ -41,6 +32,12 @@ class Subscriptions:
             self._count.pop(prefix, None)
         self._lengths = sorted({len(p) for p in self._count})
         self.version += 1
+
+    def covers(self, prefix: bytes) -> bool | None:
+        """For every topic that starts with ``prefix``: all wanted (True), none (False), or it depends (None)."""
+        if self.wants(prefix):
+            return True
+        return None if any(p.startswith(prefix) for p in self._count) else False
 
     def wants(self, topic: bytes) -> bool:
         """Whether some subscription is a prefix of ``topic``: one set lookup per distinct prefix length."""

@@ -148,6 +148,8 @@ class SignalPublisher:
         self._wanted = np.zeros(0, bool)  # per local key index: some subscriber wants its topic
         self._checked = np.zeros(0, bool)  # per local key index: _wanted is as of _checked_version
         self._checked_version = subscriptions.version
+        self._record_prefix = f"{spec.name}.".encode()
+        self._covered = subscriptions.covers(self._record_prefix)  # all, none, or per key (None)
         self._published = metrics.signals_published.labels(spec.name)
         self._messages = metrics.publish_messages.labels(spec.name)
         self._dropped = metrics.publish_dropped.labels(spec.name)
@@ -196,13 +198,12 @@ class SignalPublisher:
         """Which rows some subscriber wants (None: all of them); answers are cached per key until
         the subscriptions change, and only looked up for keys a batch touches."""
         subscriptions = self._subscriptions
-        if subscriptions.everything:
-            return None
-        if subscriptions.nothing:
-            return np.zeros(len(slots), bool)
         if subscriptions.version != self._checked_version:
             self._checked[:] = False
             self._checked_version = subscriptions.version
+            self._covered = subscriptions.covers(self._record_prefix)
+        if self._covered is not None:
+            return None if self._covered else np.zeros(len(slots), bool)
         unchecked = slots[~self._checked[slots]]
         if len(unchecked):
             wants = subscriptions.wants

@@ -190,7 +190,8 @@ class TestSubscriptions:
     )
     def test_matches_byte_prefixes_as_zeromq_does(self, changes: list[tuple[bool, bytes]], topics: list[bytes]) -> None:
         """Subscribe and unsubscribe in any order (counted, as XPUB passes them): a topic is wanted
-        exactly when one of the prefixes still subscribed starts it."""
+        exactly when one of the prefixes still subscribed starts it, and ``covers`` answers for
+        every topic under a prefix only when that answer holds for all of them."""
         subscriptions = Subscriptions()
         held: dict[bytes, int] = {}
         for subscribe, prefix in changes:
@@ -199,8 +200,13 @@ class TestSubscriptions:
         live = [prefix for prefix, count in held.items() if count]
         for topic in topics:
             assert subscriptions.wants(topic) == any(topic.startswith(prefix) for prefix in live)
-        assert subscriptions.everything == (b"" in live)
-        assert subscriptions.nothing == (not live)
+        for topic in topics:
+            wanted = {subscriptions.wants(topic + tail) for tail in (b"", b"\x00", b"a", b"ab\xff")}
+            covers = subscriptions.covers(topic)
+            if covers is not None:
+                assert wanted == {covers}
+            else:
+                assert any(prefix.startswith(topic) for prefix in live) and not subscriptions.wants(topic)
 
 
 class TestThrottle:
