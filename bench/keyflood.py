@@ -288,9 +288,16 @@ def admission_cost(per_message: int = 1_000, keys: int = 1_000, repeats: int = 3
 # -- 2. new-key rate with live keys beside -----------------------------------------------------
 
 
-def live_phase(daemon: Daemon, seconds: float, flood_rate: float | None, first_key: int) -> dict[str, Any]:
-    """Live keys for ``seconds``, with a flood of new keys beside them (None: no flood; 0: unpaced)."""
+def live_phase(
+    daemon: Daemon, seconds: float, flood_rate: float | None, first_key: int, *, everything: bool = False
+) -> dict[str, Any]:
+    """Live keys for ``seconds``, with a flood of new keys beside them (None: no flood; 0: unpaced).
+
+    The latency subscriber listens to the live keys only; with ``everything`` a second one takes
+    every record, as a recorder would, so the flood's first records must be built and sent too.
+    """
     sub = start_subscriber(daemon.publish, "px1s.L", measure_latency=True, warmup_s=0.5)
+    recorder = start_subscriber(daemon.publish, "") if everything else None
     before = daemon_keys(daemon)
     targets: list[tuple[Any, tuple[Any, ...]]] = [(live_main, (daemon.ingests[0],))]
     if flood_rate is not None:
@@ -304,6 +311,8 @@ def live_phase(daemon: Daemon, seconds: float, flood_rate: float | None, first_k
     daemon.wait_idle(60)
     time.sleep(0.2)  # the last records cross the forwarder
     [report] = finish(sub, 1)
+    if recorder is not None:
+        finish(recorder, 1)
     live_sent = generators[0].sent.value
     flood_sent = generators[1].sent.value if flood_rate is not None else 0
     new_keys = (mid["routed"] + mid["released"]) - (before["routed"] + before["released"])
@@ -338,20 +347,18 @@ def new_key_rate(seconds: float) -> Table:
     )
     daemon = Daemon(1, SignalOptions(), extra_toml='[state]\nkey_ttl = "2s"\nmax_keys = 10000000\n')
     daemon.start()
-    phases: dict[str, list[dict[str, Any]]] = {
-        "live keys alone": [],
-        "flood, as fast as taken": [],
-        "flood paced at 200k/s": [],
-    }
+    plan = (
+        ("live keys alone", None, False),
+        ("flood, as fast as taken", 0.0, False),
+        ("flood paced at 200k/s", 200_000.0, False),
+        ("paced at 200k/s, a recorder on every record", 200_000.0, True),
+    )
+    phases: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
     try:
         first = 0
         for _ in range(2):
-            for name, rate in (
-                ("live keys alone", None),
-                ("flood, as fast as taken", 0.0),
-                ("flood paced at 200k/s", 200_000.0),
-            ):
-                result = live_phase(daemon, seconds, rate, first)
+            for name, rate, everything in plan:
+                result = live_phase(daemon, seconds, rate, first, everything=everything)
                 first += result["flood_sent"]
                 phases[name].append(result)
     finally:
@@ -373,6 +380,10 @@ def new_key_rate(seconds: float) -> Table:
     table.notes.append("new keys/s: keys the ingest started routing per second (streamd_ingest_keys + released)")
     table.notes.append("shed/s: ticks of new keys dropped as new_key_backlog (the workers had no room for them)")
     table.notes.append("live latency: subscriber receive wall clock - send wall clock, px1s records of live keys")
+    table.notes.append(
+        "a recorder on every record: a second subscriber on all topics, so the flood's first records are built and "
+        "sent; without one, records nobody subscribes to are skipped by the worker"
+    )
     table.notes.append(
         "live records per tick: px1s records of live keys received by the time the daemon was idle, per live tick "
         "sent; a batch publishes one record per key it touched, so this falls as a busy worker's batches grow"
