@@ -17,10 +17,10 @@ from streamd.config import LatencyConfig, SignalSpec
 from streamd.ingest import fresh_keys_to_send, leaves_by, send_now
 from streamd.ledger import TickLedger
 from streamd.metrics import SupervisorCollector, SupervisorView, WorkerMetrics
+from streamd.publisher import SignalPublisher, Subscriptions, Throttle
 from streamd.router import Outbox
-from streamd.subscriptions import Subscriptions
 from streamd.windows import SignalResult
-from streamd.worker import KeyTable, SignalPublisher, Throttle
+from streamd.worker import KeyTable
 
 
 class FakeClock:
