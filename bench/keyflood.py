@@ -301,7 +301,7 @@ def live_phase(
     before = daemon_keys(daemon)
     targets: list[tuple[Any, tuple[Any, ...]]] = [(live_main, (daemon.ingests[0],))]
     if flood_rate is not None:
-        targets.append((flood_main, (daemon.ingests[0], first_key, 10**9, flood_rate)))
+        targets.append((flood_main, (daemon.ingests[-1], first_key, 10**9, flood_rate)))
     generators = start_generators(targets)
     started = time.monotonic()
     time.sleep(seconds)
@@ -329,10 +329,12 @@ def live_phase(
     }
 
 
-def new_key_rate(seconds: float) -> Table:
+def new_key_rate(seconds: float, own_endpoint: bool = False) -> Table:
+    """With ``own_endpoint`` the flood comes in on an endpoint (so an ingest process) of its own."""
+    where = "the flood on an endpoint of its own, 2 ingests" if own_endpoint else "1 ingest"
     table = Table(
         f"New keys per second through one ingest, {LIVE_KEYS} live keys beside them at {LIVE_TICKS_PER_S:,} ticks/s "
-        f'(1 ingest, 1 worker, built-in 3 signals, key_ttl = "2s"; {seconds:g} s per phase, interleaved)',
+        f'({where}, 1 worker, built-in 3 signals, key_ttl = "2s"; {seconds:g} s per phase, interleaved)',
         [
             "phase",
             "new keys/s",
@@ -345,7 +347,8 @@ def new_key_rate(seconds: float) -> Table:
             "worker busy",
         ],
     )
-    daemon = Daemon(1, SignalOptions(), extra_toml='[state]\nkey_ttl = "2s"\nmax_keys = 10000000\n')
+    extra = '[state]\nkey_ttl = "2s"\nmax_keys = 10000000\n'
+    daemon = Daemon(1, SignalOptions(), endpoints=2 if own_endpoint else 1, extra_toml=extra)
     daemon.start()
     plan = (
         ("live keys alone", None, False),
@@ -396,6 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.keyflood", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1.2 M keys and shorter phases (validation)")
     parser.add_argument("--only", choices=("memory", "rate", "admission"), help="run one of the parts")
+    parser.add_argument(
+        "--flood-endpoint", choices=("shared", "own"), default="shared", help="rate: the flood's endpoint (and ingest)"
+    )
     return parser.parse_args(argv)
 
 
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(admission_cost())
         print_tables(tables[-1:])
     if args.only in (None, "rate"):
-        tables.append(new_key_rate(4.0 if args.quick else 10.0))
+        tables.append(new_key_rate(4.0 if args.quick else 10.0, own_endpoint=args.flood_endpoint == "own"))
         print_tables(tables[-1:])
     return 0
 
