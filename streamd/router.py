@@ -159,11 +159,11 @@ class KeyRouter:
         leaving: list[Columns] = []
         parts, floors = outbox.fresh_parts, outbox.fresh_floors
         for i in [i for i, floor in enumerate(floors) if floor <= top]:
-            codes = parts[i][0] * self.workers + worker
-            still = self._pending[codes]
+            part_codes = parts[i][0] * self.workers + worker
+            still = self._pending[part_codes]
             leaving.append(select(parts[i], ~still))
             parts[i] = select(parts[i], still)
-            floors[i] = int(self._rank[codes[still]].min()) if still.any() else _FREE
+            floors[i] = int(self._rank[part_codes[still]].min()) if still.any() else _FREE
         outbox.fresh_parts = [part for part in parts if len(part[0])]
         outbox.fresh_floors = [floor for part, floor in zip(parts, floors, strict=True) if len(part[0])]
         outbox.fresh_ticks -= sum(len(part[0]) for part in leaving)
