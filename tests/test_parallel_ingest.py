@@ -201,22 +201,25 @@ def test_killed_ingest_is_replaced_in_place_and_workers_keep_their_windows(tmp_p
 
 
 def test_batches_lost_in_a_killed_ingests_send_queue_are_counted(tmp_path: Path) -> None:
-    """A stopped worker fills its queue, so batches wait in the ingest's own send queue; kill -9 of
-    the ingest loses them. The worker finds the gap when the replacement's batches come, and counts
-    the ticks as ingest_lost once it stays open: received == processed + dropped still holds."""
-    extra = '[latency]\nmax_batch_size = 10\nmax_batch_delay = "1ms"\n' + SIGNALS
-    ticks = make_ticks(20_000, keys=50, seed=21)
+    """A stopped worker fills its queue and the socket buffers, so a batch waits in the ingest's own
+    send queue; kill -9 of the ingest loses it. The worker finds the gap when the replacement's
+    batches come, and counts the ticks as ingest_lost once it stays open: received == processed +
+    dropped still holds. Batches of 1,000 ticks (about 25 KB) fill the kernel's buffers for sure,
+    whatever share of them a busy box lets through before the queue is found full."""
+    extra = '[latency]\nmax_batch_size = 1000\nmax_batch_delay = "1ms"\n' + SIGNALS
+    ticks = make_ticks(100_000, keys=50, seed=21)
     with running_daemon(tmp_path, workers=1, extra_toml=extra, workers_toml="queue_batches = 1") as daemon:
         worker = daemon.worker_pids()[0]
         os.kill(worker, signal.SIGSTOP)
         try:
-            feed(daemon.ingest, chunked(ticks, 100))
+            feed(daemon.ingest, chunked(ticks, 1000))
             daemon.wait_for(
                 lambda: daemon.metric("streamd_ticks_received_total") == len(ticks), what="every tick received"
             )
             daemon.wait_for(
                 lambda: daemon.metric('streamd_ticks_dropped_total{reason="overflow"}') > 0, what="a full queue"
             )
+            time.sleep(0.5)  # the ingest's I/O thread writes what the socket takes; the rest stays queued
             ingest = next(pid for pid in daemon.children() if "streamd-ingest" in Path(f"/proc/{pid}/comm").read_text())
             os.kill(ingest, signal.SIGKILL)
             daemon.wait_for(lambda: daemon.metric("streamd_ingest_restarts_total") == 1, timeout=5, what="restart")
