@@ -49,7 +49,7 @@ _MEMBER = "member."
 _LEASE = "lease."
 _MARGIN = 1 / 6  # of the TTL: how much sooner than the server a holder stops counting a lease
 _T = TypeVar("_T")
-_BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket
+_BUCKET_PATIENCE_S = 30.0  # how long start() keeps asking for the lease bucket and its watch
 _RETRY_S = 0.25  # after a failed renewal round: retry this soon, to keep leases through a short election
 _VIEW_SETTLE_S = 1.0  # a young view waits this long (at most an interval): peers retry their heartbeats faster
 _ATTEMPT_S = 1.0  # longest wait for one bucket operation, so retries keep that pace while the bucket elects
@@ -98,6 +98,18 @@ def assign(partitions: int, members: Sequence[str], current: Mapping[int, str]) 
         result[partition] = member
         load[member] += 1
     return result
+
+
+async def _patiently(operation: Callable[[], Awaitable[_T]]) -> _T:
+    """``operation()``, retried for a while: a young or busy cluster times out on the first tries."""
+    deadline = time.monotonic() + _BUCKET_PATIENCE_S
+    while True:
+        try:
+            return await operation()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _next_update(watcher: KeyValue.KeyWatcher, timeout: float | None) -> KeyValue.Entry | None:
@@ -176,9 +188,9 @@ class LeaseManager:
 
     async def start(self) -> None:
         """Find or create the bucket (a generous timeout: a young cluster answers slowly), then join."""
-        self.kv = await self._bucket(self.nc.jetstream(timeout=5))
+        self.kv = await _patiently(lambda: self._bucket(self.nc.jetstream(timeout=5)))
         await self._heartbeat()
-        self._watcher = await self.kv.watchall()
+        self._watcher = await _patiently(self.kv.watchall)
         first = await _next_update(self._watcher, timeout=5)
         self._view_since = self.clock()
         self._watch_task = asyncio.create_task(self._follow(first))
@@ -196,19 +208,12 @@ class LeaseManager:
 
     # the rounds ---------------------------------------------------------------------------
     async def _bucket(self, js: nats.js.JetStreamContext) -> KeyValue:
-        """The lease bucket, found or created; retried for a while, since a young or busy cluster times out."""
-        deadline = time.monotonic() + _BUCKET_PATIENCE_S
-        while True:
-            try:
-                try:
-                    return await js.key_value(self.bucket)
-                except nats.js.errors.BucketNotFoundError:
-                    config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, replicas=self.replicas)
-                    return await js.create_key_value(config)
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-                if time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        """The lease bucket, found or created."""
+        try:
+            return await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, replicas=self.replicas)
+            return await js.create_key_value(config)
 
     async def _run(self) -> None:
         """Renew on the heartbeat's schedule; rebalance after every round and whenever the bucket changed."""

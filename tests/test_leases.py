@@ -133,6 +133,7 @@ def assert_tokens_increase(events: list[LeaseEvent]) -> None:
         assert tokens == sorted(set(tokens))
 
 
+@pytest.mark.cluster  # timing-sensitive against a young cluster: run alone (Makefile)
 @pytest.mark.timeout(90)
 def test_managers_balance_hand_over_and_take_over_without_overlap(tmp_path: Path) -> None:
     """Balanced start, graceful release -> immediate takeover, crash -> takeover within TTL + a heartbeat."""
@@ -161,6 +162,7 @@ async def release_after_unrecorded_renewal(urls: list[str]) -> list[bytes | None
     return left
 
 
+@pytest.mark.cluster  # timing-sensitive against a young cluster: run alone (Makefile)
 @pytest.mark.timeout(60)
 def test_a_graceful_stop_frees_leases_whose_last_renewal_was_never_acknowledged(tmp_path: Path) -> None:
     """Otherwise the stale revision fails the delete and successors wait out the whole TTL."""
@@ -187,6 +189,7 @@ async def reclaim_after_outage(cluster: NatsCluster, ttl: float) -> tuple[float,
     return took, before, after
 
 
+@pytest.mark.cluster  # timing-sensitive against a young cluster: run alone (Makefile)
 @pytest.mark.timeout(90)
 def test_a_lease_that_lapsed_while_the_bucket_was_away_is_taken_back_at_once(tmp_path: Path) -> None:
     """Not a whole TTL later: a rebuilt view reads our own stale entries as fresh for a TTL, so the
