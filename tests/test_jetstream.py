@@ -22,6 +22,8 @@ from streamd.jetstream import (
 )
 from tests.natscluster import NatsCluster, nats_cluster
 
+pytestmark = pytest.mark.cluster  # a young 3-server cluster times out beside other test files: run alone
+
 
 def run(coro: Awaitable[None], timeout: float) -> None:
     async def bounded() -> None:

@@ -70,6 +70,7 @@ async def _server_partitions(url: str, tokens: list[str], partitions: int) -> di
         await nc.close()
 
 
+@pytest.mark.cluster  # starts a nats-server: run alone (Makefile)
 @pytest.mark.timeout(60)
 def test_agrees_with_the_servers_partition_mapping(tmp_path: Path) -> None:
     """A few hundred keys land on the same partition in nats-server's subject mapping as in partition_for."""
