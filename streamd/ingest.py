@@ -12,10 +12,11 @@ work, so a busy worker gets one larger batch instead of a queue of small ones.
 
 New keys cost a worker several times what a tick of a known key does, so they have a lane of
 their own: their ticks wait in the outbox's fresh lane and go, at most ``_FRESH_KEYS_PER_BATCH``
-keys at a time, when the worker is idle, or ``_FRESH_PATIENCE_NS`` after the lane last let keys
-go. A flood of new keys then takes the workers' spare capacity and no more, and keys already
-flowing keep their latency. Past a backlog of a quarter of ``ingest.max_queue_bytes`` new keys are refused
-(``new_key_backlog``) rather than let the fresh lane grow.
+keys at a time, when the worker is idle, when it has applied the last new keys it was sent, or
+``_FRESH_PATIENCE_NS`` after the lane last let keys go. A flood of new keys then takes the
+workers' spare capacity and no more, and keys already flowing keep their latency. Past a
+backlog of a quarter of ``ingest.max_queue_bytes`` new keys are refused (``new_key_backlog``)
+rather than let the fresh lane grow.
 """
 
 from __future__ import annotations
@@ -415,14 +416,9 @@ class Ingest:
         columns = concatenated(parts) if parts else _NO_TICKS
         ticks = len(columns[1])
         oldest_ns = outbox.oldest_ns if outbox.ticks else outbox.fresh_oldest_ns
-        self.outboxes[worker] = Outbox(
-            fresh_parts=outbox.fresh_parts,
-            fresh_floors=outbox.fresh_floors,
-            fresh_ticks=outbox.fresh_ticks,
-            fresh_oldest_ns=outbox.fresh_oldest_ns,
-            fresh_due_ns=time.time_ns() + _FRESH_PATIENCE_NS if fresh_keys else outbox.fresh_due_ns,
-            fresh_keys=outbox.fresh_keys,
-        )
+        self.outboxes[worker] = outbox.fresh_lane()
+        if fresh_keys:
+            self.outboxes[worker].fresh_due_ns = time.time_ns() + _FRESH_PATIENCE_NS
         size = self.config.latency.max_batch_size
         new_keys = outbox.new_keys
         for start in range(0, max(ticks, 1), size):

@@ -62,6 +62,17 @@ class Outbox:
         self.parts.append(columns)
         self.ticks += len(columns[1])
 
+    def fresh_lane(self) -> Outbox:
+        """A new outbox with this one's fresh lane alone: what stays once the known lane has left."""
+        return Outbox(
+            fresh_parts=self.fresh_parts,
+            fresh_floors=self.fresh_floors,
+            fresh_ticks=self.fresh_ticks,
+            fresh_oldest_ns=self.fresh_oldest_ns,
+            fresh_due_ns=self.fresh_due_ns,
+            fresh_keys=self.fresh_keys,
+        )
+
     def add_fresh(self, columns: Columns, recv_ns: int, floor: int) -> None:
         """Ticks of pending keys; ``floor``: the lowest first-seen rank among them (:meth:`KeyRouter.floor`)."""
         self.fresh_oldest_ns = self.fresh_oldest_ns if self.fresh_ticks else recv_ns

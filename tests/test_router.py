@@ -197,12 +197,7 @@ class TestFreshLane:
                 parts.append(admitted)
             known[worker].update(outbox.new_keys)
             assert outbox.fresh_ticks == sum(len(part[0]) for part in outbox.fresh_parts)
-            outboxes[worker] = Outbox(
-                fresh_parts=outbox.fresh_parts,
-                fresh_floors=outbox.fresh_floors,
-                fresh_ticks=outbox.fresh_ticks,
-                fresh_keys=outbox.fresh_keys,
-            )
+            outboxes[worker] = outbox.fresh_lane()
             for slots, t, _, _ in parts:
                 for slot, tick in zip(slots.tolist(), t.tolist(), strict=True):
                     assert slot in known[worker], "a tick reached its worker before its key was announced"
