@@ -56,16 +56,18 @@ _BYTES_PER_TICK = 32  # slot, time, price and quantity: what a held tick costs i
 EPOCH_NS = 1_000_000  # the unit of a key's last-seen time: a millisecond of the monotonic clock
 _FRESH_KEYS_PER_BATCH = 1_000  # new keys per batch: a few ms of a worker's time, the most a known key waits
 _FRESH_PATIENCE_NS = 100_000_000  # a worker never idle still gets new keys at least this often
+_SWEEP_STEP = (65_536, 4_096)  # keys looked at, keys released per sweep step: about 1.5 ms here
+_GONE_PER_BATCH = 4_096  # released slots per batch: about 2 ms of a worker's time, like the new keys
 
 
 _NO_TICKS: Columns = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 
 def sweep_interval_ns(key_ttl_ns: int) -> int:
-    """How often silent keys are looked for: key_ttl/8, within 10 ms .. 1 s (1 s when keys never expire).
+    """How often a pass looks for silent keys: key_ttl/8, within 10 ms .. 1 s (1 s when keys never expire).
 
-    A key is evicted after between key_ttl and key_ttl plus this of silence; a sweep scans every
-    key's last-seen time (about 1 ms per million keys).
+    A key is evicted after between key_ttl and key_ttl plus this of silence, and the few steps a
+    pass takes (``_SWEEP_STEP``: each looks at 65,536 keys' last-seen times and releases at most 4,096).
     """
     if not key_ttl_ns:
         return 1_000_000_000
@@ -408,7 +410,8 @@ class Ingest:
 
     def _send(self, worker: int, outbox: Outbox, fresh_keys: int) -> None:
         """Send the known lane and up to ``fresh_keys`` keys of the fresh lane, in batches of at most
-        ``max_batch_size`` ticks; admitted keys are announced in the first, released slots go with the last."""
+        ``max_batch_size`` ticks; admitted keys are announced in the first, up to ``_GONE_PER_BATCH``
+        released slots go with the last (the rest with the next send)."""
         parts: list[Columns] = list(outbox.parts)
         admitted = self.router.admit(worker, outbox, fresh_keys) if fresh_keys else None
         if admitted is not None and len(admitted[1]):
@@ -421,9 +424,11 @@ class Ingest:
             self.outboxes[worker].fresh_due_ns = time.time_ns() + _FRESH_PATIENCE_NS
         size = self.config.latency.max_batch_size
         new_keys = outbox.new_keys
+        gone_now, gone_later = outbox.gone[:_GONE_PER_BATCH], outbox.gone[_GONE_PER_BATCH:]
+        self._keep_gone(worker, gone_later)
         for start in range(0, max(ticks, 1), size):
             slots, t, p, q = (column[start : start + size] for column in columns)
-            gone = outbox.gone if start + size >= ticks else []
+            gone = gone_now if start + size >= ticks else []
             seq = self.ledger.handed(self.index, worker)
             batch = WorkerBatch(
                 slots,
@@ -464,7 +469,7 @@ class Ingest:
         return True
 
     def _keep_gone(self, worker: int, gone: list[int]) -> None:
-        """Released slots of a batch that did not leave: they go with the next one."""
+        """Released slots a batch did not carry (it did not leave, or had its share): they go with the next one."""
         if gone:
             outbox = self.outboxes[worker]
             if not outbox.ticks and not outbox.gone:
@@ -473,17 +478,19 @@ class Ingest:
 
     # bounded state: evict silent keys ----------------------------------------------------
     def _sweep(self) -> None:
-        """Evict keys silent for ``state.key_ttl`` (wall clock here), then come back in a fraction of it."""
+        """Evict keys silent for ``state.key_ttl`` (wall clock here), a step at a time so that a
+        flood's worth of them never stalls the loop; when a pass is done, come back in a fraction of it."""
         ttl = self.config.state.key_ttl_ns
+        router = self.router
         if ttl:
-            router = self.router
             router.epoch = now = time.monotonic_ns() // EPOCH_NS
-            evicted = router.evict_silent(now - ttl // EPOCH_NS, self.outboxes, time.time_ns())
+            evicted = router.evict_silent(now - ttl // EPOCH_NS, self.outboxes, time.time_ns(), _SWEEP_STEP)
             if evicted:
                 self.metrics.keys_released.inc(evicted)
                 self.metrics.keys.set(router.live_keys)
                 self._dispatch()
-        self.sweep_handle = self.loop.call_later(sweep_interval_ns(ttl) / 1e9, self._sweep)
+        delay_s = 0.0 if router.sweeping else sweep_interval_ns(ttl) / 1e9
+        self.sweep_handle = self.loop.call_later(delay_s, self._sweep)
 
     def _journal(self, worker: int, batch: WorkerBatch) -> None:
         """Keep a handed-over batch until ``worker``'s checkpoint holds it (bounded: evictions are counted)."""

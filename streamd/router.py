@@ -122,6 +122,7 @@ class KeyRouter:
         self._rank = np.zeros(0, np.int64)  # per code: when its key was first seen, counted in keys
         self._next_rank = 0
         self._key_of = np.empty(0, dtype=object)  # per code: its key (None when free)
+        self._sweep_from = 0  # the code where the next step of an eviction pass starts
 
     @property
     def live_keys(self) -> int:
@@ -195,14 +196,27 @@ class KeyRouter:
         mapped = [(code // workers, key) for key, code in self.codes.items() if code % workers == worker]
         return mapped + list(self._releasing[worker].items())
 
-    def evict_silent(self, older_than: int, outboxes: list[Outbox], now_ns: int) -> int:
-        """Release every key whose newest tick is from an epoch before ``older_than``; return how many.
+    def evict_silent(
+        self, older_than: int, outboxes: list[Outbox], now_ns: int, step: tuple[int, int] | None = None
+    ) -> int:
+        """Release keys whose newest tick is from an epoch before ``older_than``; return how many.
+
+        Without ``step`` one call looks at every key. With ``step = (look, release)`` a call is one
+        step of a pass: it looks at up to ``look`` codes from where the last step stopped and
+        releases at most ``release`` keys, so that a pass that finds a flood's worth of silent keys
+        never holds up the caller for long; :attr:`sweeping` says whether the pass has more to do.
 
         Each released slot is added to its worker's :attr:`Outbox.gone`; the caller sends it and
         then hands it back through :meth:`recycle`.
         """
-        top = len(self._key_of)
-        silent = np.flatnonzero((self._last_seen[:top] < older_than) & ~self._pending[:top])
+        top = min(len(self._key_of), max(self.next_slot) * self.workers)  # codes ever handed out
+        start = self._sweep_from
+        end = top if step is None else min(top, start + step[0])
+        silent = start + np.flatnonzero((self._last_seen[start:end] < older_than) & ~self._pending[start:end])
+        if step is not None and len(silent) > step[1]:
+            silent = silent[: step[1]]
+            end = int(silent[-1]) + 1
+        self._sweep_from = end if end < top else 0
         if not len(silent):
             return 0
         keys = self._key_of[silent].tolist()
@@ -222,6 +236,11 @@ class KeyRouter:
             outbox.gone.extend(released)
             self._releasing[worker].update(zip(released, map(keys.__getitem__, mine), strict=True))
         return len(keys)
+
+    @property
+    def sweeping(self) -> bool:
+        """A pass of :meth:`evict_silent` in steps has codes left to look at."""
+        return self._sweep_from > 0
 
     def recycle(self, worker: int, slots: list[int]) -> None:
         """``slots`` were announced gone to ``worker`` (the batch has left): new keys may take them."""

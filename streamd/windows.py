@@ -385,6 +385,7 @@ class _RingWindowState:
             base["t"] = np.dtype(np.int64)
         self.pool = _TickPool(base)
         self.live = 0  # ticks inside all windows, as of each key's latest update
+        self.rings = 0  # rows holding a key's ring: a tick since the row was new or evicted
         self.ints = np.zeros((0, _INT_FILL.size), np.int64)
         self.floats = np.zeros((0, _FLOAT_FILL.size), np.float64)
         self.sum_kinds = np.zeros(0, np.int64)
@@ -412,16 +413,25 @@ class _RingWindowState:
         return self.pool.nbytes() + self.ints.nbytes + self.floats.nbytes
 
     def evict(self, keys: I64) -> None:
-        """Forget ``keys`` (distinct): their rows become those of a key never seen.
+        """Forget ``keys`` (distinct): their rows become those of a key never seen, empty rings aside.
 
-        The ring blocks they held are abandoned; their ticks leave ``live``, so compaction
-        reclaims the space once waste dominates (checked here too, so memory drops at once).
+        Each row keeps its ring block, empty: the worker gives a freed key index to the next new
+        key, which then reuses the block instead of taking a new one at the end of the pool. Under
+        key churn the pool then does not fill with abandoned blocks, and the compaction that would
+        reclaim them (a pass over every live tick, tens of ms with a few hundred thousand keys)
+        does not come due every few hundred thousand new keys. Evicted ticks leave ``live``, so a
+        shrinking key population is still compacted (checked here too, so memory drops at once).
         """
         keys = keys[keys < self.ints.shape[0]]
         if keys.size == 0:
             return
-        self.live -= int(np.add.reduce(self.ints[:, _END][keys] - self.ints[:, _HEAD][keys]))
-        _rows(self.ints)[keys] = _INT_FILL_ROW
+        ints = self.ints
+        end = ints[:, _END][keys]
+        self.live -= int(np.add.reduce(end - ints[:, _HEAD][keys]))
+        self.rings -= int(np.count_nonzero(end))
+        off, cap = ints[:, _OFF][keys], ints[:, _CAP][keys]
+        _rows(ints)[keys] = _INT_FILL_ROW
+        ints[:, _OFF][keys], ints[:, _CAP][keys] = off, cap
         _rows(self.floats)[keys] = _FLOAT_FILL_ROW
         self._maybe_compact()
 
@@ -475,6 +485,7 @@ class _RingWindowState:
                 self.pool.columns[name[5:]][target] = arrays[name][source]
         ints[held, _OFF], ints[held, _CAP] = new_off, new_cap
         self.ints, self.floats = ints, floats
+        self.rings = int(np.count_nonzero(ints[held, _END]))
         self.require(spec)
 
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
@@ -482,6 +493,7 @@ class _RingWindowState:
         keys = batch.keys
         self.ints = _grow_rows(self.ints, int(keys[-1]) + 1, _INT_FILL)
         self.floats = _grow_rows(self.floats, int(keys[-1]) + 1, _FLOAT_FILL)
+        self.rings += self._unkeyed(keys)
         # Local copies, written back at the end (take and row views: 2-D fancy indexing is slow).
         ints, floats = self.ints.take(keys, axis=0), self.floats.take(keys, axis=0)
         off, cap, head, split, end = ints.T[:_RUN]  # views: relocation updates off and cap in place
@@ -571,6 +583,7 @@ class _RingWindowState:
         rows = int(grouped.keys[-1]) + 1
         self.ints = _grow_rows(self.ints, rows, _INT_FILL)
         self.floats = _grow_rows(self.floats, rows, _FLOAT_FILL)
+        self.rings += self._unkeyed(grouped.keys)
         codes = self.stat_codes.get(tuple(wanted))
         if codes is None:
             codes = self.stat_codes[tuple(wanted)] = np.array([WINDOW_STATS.index(s) for s in wanted], np.int64)
@@ -783,17 +796,27 @@ class _RingWindowState:
                     out[stat] = np.maximum(columns["front_max"][head_position], floats[:, _BACK_MAX])
         return out
 
+    def _unkeyed(self, keys: I64) -> int:
+        """How many of these (distinct) rows no tick reached since they were new or evicted."""
+        return int(np.count_nonzero(self.ints[:, _END][keys] == 0))
+
     def _maybe_compact(self) -> None:
         """Re-lay every ring contiguously, sized to its window, once the pool is mostly waste.
 
         Waste (abandoned blocks and rings far larger than their window) only reaches 4x the live
-        ticks after that many ticks were added or evicted since the last compaction: amortised O(1).
+        ticks, plus a new ring's ``_MIN_CAP`` per ring, after that many ticks were added or evicted
+        since the last compaction: amortised O(1). The allowance per ring keeps keys that hold a
+        tick or two (a flood of new keys) from making every few hundred thousand keys a compaction.
+        Rows evicted and not yet taken by a new key (no tick since: ``end`` 0) give up their blocks.
         """
         pool = self.pool
-        if pool.used <= 4 * self.live + 4096:
+        if pool.used <= 4 * self.live + _MIN_CAP * self.rings + 4096:
             return
         ints = self.ints
+        unused = ((ints[:, _CAP] > 0) & (ints[:, _END] == 0)).nonzero()[0]
+        ints[unused, _OFF] = ints[unused, _CAP] = 0
         keys = (ints[:, _CAP] > 0).nonzero()[0]
+        self.rings = len(keys)
         lo, hi = ints[keys, _HEAD], ints[keys, _END]
         lengths = hi - lo
         new_cap = _next_pow2(lengths + lengths // 4 + 1)

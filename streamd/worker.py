@@ -41,6 +41,9 @@ _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it h
 # Ticks merged into one engine call at most: the call's temporaries grow with it, so a deep backlog
 # is applied in calls of this size instead of one call holding gigabytes.
 _DRAIN_TICKS = 100_000
+# Released slots (keys the ingest evicted) a drain takes at most: about 2.5 ms of unmapping and
+# evicting, so that a flood's evictions reach the engine in steps and live ticks wait no longer.
+_DRAIN_RELEASES = 8_192
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost in a loop
 _RETIRE_EVERY_S = 1.0  # how often tables of replaced ingest incarnations are looked at
 _RETIRE_GRACE_S = 5.0  # a replaced incarnation that sent nothing for this long has nothing left queued
@@ -147,9 +150,9 @@ class Worker:
     def _drain(self) -> None:
         """Receive everything queued (bounded) and apply it as one engine call."""
         batches: list[WorkerBatch] = []
-        ticks = 0
+        ticks = releases = 0
         for _ in range(_DRAIN_LIMIT):
-            if ticks >= _DRAIN_TICKS:
+            if ticks >= _DRAIN_TICKS or releases >= _DRAIN_RELEASES:
                 break
             try:
                 frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -166,6 +169,7 @@ class Worker:
             elif message.generation == self.generation:
                 batches.append(message)
                 ticks += len(message.t)
+                releases += len(message.gone)
             else:
                 self.metrics.stale_batches.inc()
         self._process(batches)

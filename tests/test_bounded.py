@@ -96,6 +96,26 @@ def test_silent_keys_are_evicted_and_come_back_empty(tmp_path: Path) -> None:
     assert counts == {key: sent[key] + 1 for key in live}, "live keys kept their windows throughout"
 
 
+@pytest.mark.timeout(120)
+def test_keys_evicted_together_leave_in_steps_and_all_come_back_empty(tmp_path: Path) -> None:
+    """30,000 keys fall silent at once: the ingest releases them a step at a time and a batch carries at
+    most a share of them, yet every one is evicted at the worker, and each returning key counts from 1."""
+    keys = [f"K{i}" for i in range(30_000)]
+    state = '[state]\nkey_ttl = "300ms"\n'
+    with running_daemon(tmp_path, workers=2, extra_toml=state + COUNT_SIGNAL) as daemon:
+        feed(daemon.ingest, [ticks_of(keys[i : i + 5_000]) for i in range(0, len(keys), 5_000)])
+        daemon.wait_for(lambda: daemon.metric("streamd_keys_evicted_total") >= len(keys), 30, "all keys evicted")
+        assert daemon.metric("streamd_ingest_keys_released_total") == len(keys)
+        assert daemon.metric("streamd_worker_keys") == daemon.metric("streamd_ingest_keys") == 0
+        sub = Subscriber(daemon, b"c.")
+        sub.sync()
+        feed(daemon.ingest, [ticks_of(keys[:1_000], price=3.0)])
+        sub.collect(lambda: sum(r["k"] in keys for r in sub.records) >= 1_000)
+        sub.close()
+        assert {(r["count"], r["last"]) for r in sub.records if r["k"] in keys} == {(1, 3.0)}
+        assert accounting(daemon.wait_idle()) == 0
+
+
 def test_new_keys_beyond_max_keys_are_dropped_and_known_keys_flow(tmp_path: Path) -> None:
     """max_keys = 4: ticks of a fifth key are dropped as key_limit, the four known keys keep their records."""
     with running_daemon(tmp_path, workers=2, extra_toml="[state]\nmax_keys = 4\n" + COUNT_SIGNAL) as daemon:

@@ -118,6 +118,39 @@ class TestEviction:
         assert {router.codes["E"], router.codes["A"]} == {0, 2}
         assert {k for _, k in outboxes[0].new_keys} == {"E", "A"}, "a returning key is announced as new"
 
+    @settings(max_examples=50, deadline=None)
+    @given(
+        st.lists(st.booleans(), min_size=1, max_size=60),
+        st.integers(1, 3),
+        st.integers(1, 9),
+        st.integers(1, 5),
+    )
+    def test_a_pass_in_steps_releases_what_one_call_would(
+        self, silent: list[bool], workers: int, look: int, release: int
+    ) -> None:
+        """Steps of at most ``release`` keys, each looking at ``look`` codes, release exactly the silent keys."""
+        routers = [KeyRouter(workers), KeyRouter(workers)]
+        outboxes = [[Outbox() for _ in range(workers)] for _ in routers]
+        keys = [f"K{i}" for i in range(len(silent))]
+        for router, boxes in zip(routers, outboxes, strict=True):
+            router.epoch = 1
+            router.route(keys, boxes)
+            admit_all(router, boxes)
+            router.epoch = 5
+            router.route([key for key, quiet in zip(keys, silent, strict=True) if not quiet], boxes)
+        whole, stepped = routers
+        assert whole.evict_silent(3, outboxes[0], now_ns=0) == sum(silent)
+        steps = []
+        while True:
+            steps.append(stepped.evict_silent(3, outboxes[1], now_ns=0, step=(look, release)))
+            if not stepped.sweeping:
+                break
+        assert max(steps) <= release
+        codes = max(stepped.next_slot) * workers  # every step moves on by at least min(look, release) codes
+        assert len(steps) <= -(-codes // min(look, release)) + 1
+        assert set(stepped.codes) == set(whole.codes)
+        assert [sorted(box.gone) for box in outboxes[1]] == [sorted(box.gone) for box in outboxes[0]]
+
     def test_releasing_slots_are_announced_to_a_replacement_worker(self) -> None:
         """After a worker restart the replacement learns released slots too, since their gone is still to come."""
         router = KeyRouter(2)

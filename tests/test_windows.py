@@ -627,6 +627,27 @@ class TestEviction:
             engine.evict(np.array([-1]))
 
     @pytest.mark.parametrize("path", PATHS)
+    def test_new_keys_on_evicted_indices_reuse_their_ring_blocks(self, path: str) -> None:
+        """A flood of one-tick keys, each evicted a round later and its index given to a new key:
+        after the first rounds the pool is neither grown nor compacted: its columns stay the same arrays."""
+        engine = Engine(list(DEFAULT_SIGNALS), use_kernel=PATHS[path])
+        n, now = 5_000, 0
+        layouts: list[list[tuple[int, np.ndarray, bytes]]] = []
+        for round_number in range(12):
+            half = np.arange(n) + (round_number % 2) * n
+            if round_number >= 2:
+                engine.evict(half)
+            now += 1_000_000
+            engine.process(half, np.full(n, now), np.full(n, 100.0), np.ones(n))
+            rings = [s for s in engine._states if isinstance(s, _RingWindowState)]
+            layouts.append([(s.pool.used, s.pool.columns["p"], s.ints[: 2 * n, 0].tobytes()) for s in rings])
+            assert engine.n_keys == min(2, round_number + 1) * n
+        for layout in layouts[3:]:
+            for (used, column, offsets), (used_then, column_then, offsets_then) in zip(layout, layouts[2], strict=True):
+                assert (used, offsets) == (used_then, offsets_then)
+                assert column is column_then
+
+    @pytest.mark.parametrize("path", PATHS)
     def test_memory_stays_flat_under_key_churn(self, path: str) -> None:
         """Keys that tick, go silent and are evicted, their indices reused: memory stops growing,
         live ticks are exactly those of the held windows, and evicting everything frees the pool."""
