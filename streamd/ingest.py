@@ -44,7 +44,7 @@ from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import IngestMetrics
 from streamd.protocol import DecodedTicks, decode_payloads
 from streamd.router import Columns, KeyRouter, Outbox, WorkerTicks, concatenated, select
-from streamd.runtime import RuntimePaths, StartupError, die_with_parent, name_process
+from streamd.runtime import RuntimePaths, StartupError, die_with_parent, freeze_startup_objects, name_process
 from streamd.transport import WorkerBatch, decode_ack, encode_batch, encode_end_of_input
 
 _DRAIN_LIMIT = 4096  # messages per wake-up before yielding to timers and control
@@ -662,6 +662,7 @@ def run_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     child = build()
+    freeze_startup_objects()
     try:
         uvloop.run(lifetime(child))
     except StartupError as exc:

@@ -9,6 +9,7 @@ socket there), so the worker sockets and metrics files rely on this inner direct
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import shutil
 import signal
@@ -61,6 +62,19 @@ def name_process(name: str) -> None:
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         return
+
+
+def freeze_startup_objects() -> None:
+    """Take every object alive once set-up is done (modules, functions, types, set-up state) out of
+    the cyclic collector's reach.
+
+    They live as long as the process. Left in the oldest generation, every full collection walks
+    them all: about 10 ms in a worker, in the middle of whatever batch set it off, and under a
+    flood of new keys that was several times a second. Frozen, a full collection walks only what
+    was made since. Garbage is collected first, so none of it is frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def die_with_parent() -> None:

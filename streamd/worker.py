@@ -33,7 +33,7 @@ from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
 from streamd.persistence import CheckpointWriter, Restored, Written, checkpoint_path, iso, load_for_worker
 from streamd.publisher import SignalPublisher, Subscriptions
-from streamd.runtime import RuntimePaths, die_with_parent, name_process
+from streamd.runtime import RuntimePaths, die_with_parent, freeze_startup_objects, name_process
 from streamd.transport import EndOfInput, PartitionDropped, PartitionOwned, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine
 
@@ -450,5 +450,6 @@ def worker_main(
     except zmq.ZMQError as exc:
         conn.send(Failed(f"worker {index}: cannot bind {paths.worker_endpoint(index)}: {exc}"))
         sys.exit(1)
+    freeze_startup_objects()
     worker.main_loop()
     worker.shutdown()
