@@ -148,7 +148,7 @@ class Worker:
             self.orphaned = True
 
     def _drain(self) -> None:
-        """Receive everything queued (bounded) and apply it as one engine call."""
+        """Receive everything queued (bounded) and apply it: known keys' batches first (see :func:`known_first`)."""
         batches: list[WorkerBatch] = []
         ticks = releases = 0
         for _ in range(_DRAIN_LIMIT):
@@ -172,7 +172,8 @@ class Worker:
                 releases += len(message.gone)
             else:
                 self.metrics.stale_batches.inc()
-        self._process(batches)
+        for part in known_first(batches):
+            self._process(part)
 
     def _process(self, batches: list[WorkerBatch]) -> None:
         """Map, apply and publish the batches as one engine call; then drop the state of released keys.
@@ -435,6 +436,25 @@ class Worker:
         self.pub.close(0 if self.orphaned else None)
         self.ctx.term()
         self.log.info("worker stopped", extra={"worker": self.index})
+
+
+def known_first(batches: list[WorkerBatch]) -> tuple[list[WorkerBatch], list[WorkerBatch]]:
+    """Split a drain: batches of known keys alone, then the rest, each ingest's batches kept in order.
+
+    A batch that announces new keys or releases gone ones is a flood's: thousands of keys to map
+    or unmap, milliseconds of work. Applied and published on their own first, known keys' batches
+    from other ingests (and an ingest's batches before its first such) do not wait for that work.
+    """
+    known: list[WorkerBatch] = []
+    rest: list[WorkerBatch] = []
+    held: set[int] = set()  # ingests with a batch in rest: their later batches follow it there
+    for batch in batches:
+        if batch.ingest in held or batch.new_keys or batch.gone:
+            held.add(batch.ingest)
+            rest.append(batch)
+        else:
+            known.append(batch)
+    return known, rest
 
 
 def worker_main(
