@@ -10,7 +10,8 @@ that the next new keys take from, as the worker does with ``[state] key_ttl``. T
 so the run takes as long as the engine needs. Every ``--every`` keys the table prints the keys
 held, the engine's ``memory_bytes()`` and the process's resident memory; then the slope of both
 after warm-up (once held keys are steady), the same stream without eviction (a fresh index per
-key) for comparison, and what one ``Engine.evict`` call costs by batch size.
+key) for comparison, what one ``Engine.evict`` call costs by batch size, and the time per engine
+call under a flood of one-tick keys (``--flood-only`` runs just that).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,6 +276,56 @@ def eviction_cost(plan: Plan, repeats: int) -> dict[int, tuple[list[float], list
     return seconds
 
 
+def flood_calls(population: int, per_batch: int = 1_000, evict_per_call: int = 4_000, calls: int = 3_000) -> Table:
+    """A worker's engine under a flood of one-tick keys: each call brings ``per_batch`` new keys,
+    the oldest keys are evicted ``evict_per_call`` at a time to hold ``population``, and freed
+    indices are reused newest first (as the key table does). Time per call once the population is
+    reached, and how often the tick pool was re-laid (compacted) or grown."""
+    engine = Engine(list(DEFAULT_SIGNALS))
+    held: deque[np.ndarray] = deque()
+    free: list[np.ndarray] = []
+    next_index, now = 0, 1_700_000_000 * SECOND
+    seconds: list[float] = []
+    relaid, reached = 0, False
+    pools = [state.pool for state in engine._states if hasattr(state, "pool")]
+    for _ in range(calls):
+        if free:
+            keys = np.sort(free.pop())
+        else:
+            keys = np.arange(next_index, next_index + per_batch, dtype=np.int64)
+            next_index += per_batch
+        columns = [pool.columns["p"] for pool in pools]
+        now += SECOND // 200
+        started = time.perf_counter()
+        engine.process(keys, np.full(per_batch, now, np.int64), np.full(per_batch, 100.0), np.ones(per_batch))
+        if sum(len(k) for k in held) + per_batch > population:
+            gone = np.concatenate([held.popleft() for _ in range(evict_per_call // per_batch)])
+            engine.evict(gone)
+            free.extend(np.split(gone, len(gone) // per_batch))
+            reached = True  # from here on new keys take freed indices: the tables stop growing
+        elapsed = time.perf_counter() - started
+        held.append(keys)
+        if reached:
+            seconds.append(elapsed)
+            relaid += any(pool.columns["p"] is not column for pool, column in zip(pools, columns, strict=True))
+    times = np.array(seconds) * 1e3
+    table = Table(
+        f"Engine under a flood of one-tick keys, 3 built-in signals: {population:,} keys held, {per_batch:,} new "
+        f"keys per call, the oldest evicted {evict_per_call:,} at a time, indices reused",
+        ["calls", "median ms", "p99 ms", "max ms", "calls over 5 ms", "calls that re-laid or grew the pool"],
+    )
+    table.add(
+        f"{len(times):,}",
+        f"{np.median(times):.2f}",
+        f"{np.percentile(times, 99):.2f}",
+        f"{times.max():.2f}",
+        f"{np.count_nonzero(times > 5):,}",
+        f"{relaid:,}",
+    )
+    table.notes.append("a call: Engine.process of the new keys' ticks, then Engine.evict when the population is full")
+    return table
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="200,000 keys instead of 2,000,000")
@@ -285,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-s", type=float, default=0.1, help="simulated seconds per batch")
     parser.add_argument("--every", type=int, help="keys between two table rows (default keys / 20)")
     parser.add_argument("--baseline-keys", type=int, default=200_000, help="keys fed without eviction (0: skip)")
+    parser.add_argument(
+        "--flood-only", action="store_true", help="only the engine under a flood of one-tick keys (400,000 held)"
+    )
     args = parser.parse_args(argv)
     args.keys = args.keys or (200_000 if args.quick else 2_000_000)
     args.every = args.every or max(1, args.keys // 20)
@@ -293,6 +348,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    flood = flood_calls(100_000 if args.quick else 400_000)
+    if args.flood_only:
+        print_tables([flood])
+        return 0
     plan = Plan(
         args.keys,
         args.live,
@@ -392,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "ticks once evictions left the pool mostly waste, paid for by the ticks freed"
     )
     tables.append(cost_table)
+    tables.append(flood)
     print()
     print_tables(tables)
     return 0
