@@ -205,13 +205,27 @@ SHARED = Placement("", isolated=False)
 ISOLATED = Placement(" [isolated]", isolated=True)
 
 
+def session_stats(session: int) -> dict[int, list[bytes]]:
+    """Process id -> the fields of /proc/PID/stat after the name, for every process in ``session``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:
+            found[int(entry.name)] = fields
+    return found
+
+
 def session_processes(session: int) -> dict[int, str]:
     """Process id -> kernel name (``comm``) of every process in ``session``."""
     found = {}
-    for entry in Path("/proc").iterdir():
+    for pid in session_stats(session):
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[3]) == session:
-                found[int(entry.name)] = (entry / "comm").read_text().strip()
+            found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
     return found
@@ -236,17 +250,7 @@ def place(pid: int, cpus: set[int], nice: int) -> None:
 
 def session_rss(session: int) -> int:
     """Resident bytes of every process in ``session`` (the daemon runs in its own)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session:
-            total += int(fields[21])
-    return total * 4096
+    return sum(int(fields[21]) for fields in session_stats(session).values()) * 4096
 
 
 def mib(value: float) -> str:
