@@ -158,6 +158,7 @@ class _Batch(NamedTuple):
     t_last: I64  # newest accepted time per key
     single: bool  # every key has exactly one tick
     max_count: int
+    new_keys: int = 0  # keys that held no state before this batch (never seen, or evicted)
 
 
 class _GroupedTicks(NamedTuple):
@@ -169,6 +170,7 @@ class _GroupedTicks(NamedTuple):
     t: I64
     p: F64
     q: F64
+    new_keys: int = 0  # keys that held no state before this batch (never seen, or evicted)
 
 
 def _batch(keys: I64, starts: I64, t: I64, p: F64, q: F64, t_last: I64) -> _Batch:
@@ -385,7 +387,9 @@ class _RingWindowState:
             base["t"] = np.dtype(np.int64)
         self.pool = _TickPool(base)
         self.live = 0  # ticks inside all windows, as of each key's latest update
-        self.rings = 0  # rows holding a key's ring: a tick since the row was new or evicted
+        # Rows holding a key's ring: counted from each batch's keys new to the engine (a signal added
+        # by a reload counts its keys only from the next compaction on, which counts them all).
+        self.rings = 0
         self.ints = np.zeros((0, _INT_FILL.size), np.int64)
         self.floats = np.zeros((0, _FLOAT_FILL.size), np.float64)
         self.sum_kinds = np.zeros(0, np.int64)
@@ -493,7 +497,7 @@ class _RingWindowState:
         keys = batch.keys
         self.ints = _grow_rows(self.ints, int(keys[-1]) + 1, _INT_FILL)
         self.floats = _grow_rows(self.floats, int(keys[-1]) + 1, _FLOAT_FILL)
-        self.rings += self._unkeyed(keys)
+        self.rings += batch.new_keys
         # Local copies, written back at the end (take and row views: 2-D fancy indexing is slow).
         ints, floats = self.ints.take(keys, axis=0), self.floats.take(keys, axis=0)
         off, cap, head, split, end = ints.T[:_RUN]  # views: relocation updates off and cap in place
@@ -583,7 +587,7 @@ class _RingWindowState:
         rows = int(grouped.keys[-1]) + 1
         self.ints = _grow_rows(self.ints, rows, _INT_FILL)
         self.floats = _grow_rows(self.floats, rows, _FLOAT_FILL)
-        self.rings += self._unkeyed(grouped.keys)
+        self.rings += grouped.new_keys
         codes = self.stat_codes.get(tuple(wanted))
         if codes is None:
             codes = self.stat_codes[tuple(wanted)] = np.array([WINDOW_STATS.index(s) for s in wanted], np.int64)
@@ -795,10 +799,6 @@ class _RingWindowState:
                 else:
                     out[stat] = np.maximum(columns["front_max"][head_position], floats[:, _BACK_MAX])
         return out
-
-    def _unkeyed(self, keys: I64) -> int:
-        """How many of these (distinct) rows no tick reached since they were new or evicted."""
-        return int(np.count_nonzero(self.ints[:, _END][keys] == 0))
 
     def _maybe_compact(self) -> None:
         """Re-lay every ring contiguously, sized to its window, once the pool is mostly waste.
@@ -1122,7 +1122,7 @@ class Engine:
         if groups == 0:
             empty = np.zeros(0, np.int64)
             return [SignalResult(empty, empty, {s: np.zeros(0) for s in spec.stats}) for spec in self._specs], late
-        grouped = _GroupedTicks(keys[:groups], starts[: groups + 1], t_last[:groups], bt, bpq[:n], bpq[n:])
+        grouped = _GroupedTicks(keys[:groups], starts[: groups + 1], t_last[:groups], bt, bpq[:n], bpq[n:], new_keys)
         results = []
         for spec, state in zip(self._specs, self._states, strict=True):
             stats = state.update_compiled(grouped, spec.stats)
@@ -1165,6 +1165,7 @@ class Engine:
         keys = keys_all[starts]
         batch = _batch(keys, starts, t_acc, p[picked], q[picked], np.empty(0, np.int64))
         t_last = t_acc[batch.last]
-        self._held += int(np.count_nonzero(self._last_t[keys] == _I64_MIN))
+        new_keys = int(np.count_nonzero(self._last_t[keys] == _I64_MIN))
+        self._held += new_keys
         self._last_t[keys] = t_last
-        return batch._replace(t_last=t_last), n - picked.size
+        return batch._replace(t_last=t_last, new_keys=new_keys), n - picked.size
