@@ -1005,11 +1005,12 @@ class Engine:
         """Drop all state of these key indices, in every signal, so that they can serve new keys.
 
         An evicted index is exactly a never-seen one: its next tick is accepted whatever its time
-        (never ``late``), and its windows hold only what comes after. Ring space it held is
-        reclaimed by compaction, so under key churn memory follows the keys held, not the keys
-        ever seen. Indices never used, already evicted or beyond every table are ignored; a
-        negative index is an error. Cost: about 20 NumPy calls in all, linear in the number of
-        keys (no sort), plus now and then a compaction, paid for by the ticks it frees.
+        (never ``late``), and its windows hold only what comes after. Ring space it held goes to
+        the next key given its index, or is reclaimed by compaction, so under key churn memory
+        follows the keys held, not the keys ever seen. Indices never used, already evicted or
+        beyond every table are ignored; a negative index is an error. Cost: about 20 NumPy calls
+        in all, linear in the number of keys (no sort), plus now and then a compaction, paid for
+        by the ticks it frees.
         """
         keys = np.asarray(keys, np.int64).ravel()
         if keys.size == 0:
