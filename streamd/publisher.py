@@ -171,7 +171,7 @@ class SignalPublisher:
         if self._throttle is not None:
             result = self._throttle.release(indices)
             if result is not None:
-                self._send(result, keys)
+                self._send(result, keys, time.time_ns())
         known = indices[indices < len(self._topics)]
         self._topics[known] = self._heads[known] = None
         self._has_topic[known] = self._has_head[known] = self._checked[known] = False
@@ -224,9 +224,10 @@ class SignalPublisher:
         return wanted
 
     def publish(self, result: SignalResult, keys: np.ndarray) -> None:
+        now_ns = time.time_ns()
         if self._throttle is not None:
-            result = self._throttle.admit(result, time.time_ns())
-        self._send(result, keys)
+            result = self._throttle.admit(result, now_ns)
+        self._send(result, keys, now_ns)
 
     def forget(self, slots: np.ndarray) -> None:
         if self._throttle is not None:
@@ -242,12 +243,17 @@ class SignalPublisher:
     def flush_due(self, keys: np.ndarray, *, everything: bool = False) -> None:
         if self._throttle is None:
             return
-        result = self._throttle.due(time.time_ns(), everything=everything)
+        now_ns = time.time_ns()
+        result = self._throttle.due(now_ns, everything=everything)
         if result is not None:
-            self._send(result, keys)
+            self._send(result, keys, now_ns)
 
-    def _send(self, result: SignalResult, keys: np.ndarray) -> None:
-        """Publish rows; a full queue to the forwarder drops them, counted, never counted as published.
+    def _send(self, result: SignalResult, keys: np.ndarray, pub_ns: int) -> None:
+        """Publish rows stamped ``pub_ns``; a full queue to the forwarder drops them, counted, never
+        counted as published.
+
+        ``pub_ns`` is the clock reading ``emit_interval`` admitted the rows by, so the stamps a
+        subscriber sees are at least the interval apart per key.
 
         The PUB socket has ``XPUB_NODROP`` set, so at its high-water mark a non-blocking send
         raises instead of silently discarding the message.
@@ -257,19 +263,17 @@ class SignalPublisher:
             return
         self._cover(keys)
         if self.spec.publish == "batch":
-            sent = self._send_batch(result, keys) if self._subscriptions.wants(self._batch_topic) else rows
+            sent = self._send_batch(result, keys, pub_ns) if self._subscriptions.wants(self._batch_topic) else rows
         else:
-            sent = self._send_records(result, keys)
+            sent = self._send_records(result, keys, pub_ns)
         self._published.inc(sent)
         if sent < rows:
             self._dropped.inc(rows - sent)
 
-    def _send_batch(self, result: SignalResult, keys: np.ndarray) -> int:
+    def _send_batch(self, result: SignalResult, keys: np.ndarray, pub_ns: int) -> int:
         """All rows as one columnar message; returns the rows that left (all or none)."""
         stats = {name: result.stats[name] for name in self.fields}
-        topic, payload = encode_batch_record(
-            self.spec.name, keys[result.slots].tolist(), result.t, stats, time.time_ns()
-        )
+        topic, payload = encode_batch_record(self.spec.name, keys[result.slots].tolist(), result.t, stats, pub_ns)
         try:
             self._sock.send(topic, _SNDMORE | _NOBLOCK)
         except zmq.Again:
@@ -278,7 +282,7 @@ class SignalPublisher:
         self._messages.inc()
         return len(result.slots)
 
-    def _send_records(self, result: SignalResult, keys: np.ndarray) -> int:
+    def _send_records(self, result: SignalResult, keys: np.ndarray, pub_ns: int) -> int:
         """One message per row some subscriber wants; returns the rows that left or were not wanted."""
         slots, t, rows = result.slots, result.t, len(result.slots)
         wanted = self._wanted_rows(slots, keys)
@@ -288,7 +292,7 @@ class SignalPublisher:
         unwanted = rows - len(slots)
         if not len(slots):
             return unwanted
-        payloads = encode_record_payloads(self._heads_of(slots, keys), t, stats, time.time_ns())
+        payloads = encode_record_payloads(self._heads_of(slots, keys), t, stats, pub_ns)
         send = self._sock.send
         sent = 0
         for topic, payload in zip(self._topics_of(slots, keys).tolist(), payloads, strict=True):

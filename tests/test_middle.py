@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
 from collections import deque
 
+import msgpack
 import numpy as np
 import zmq
 from hypothesis import given, settings
@@ -180,6 +182,40 @@ class TestSignalPublisher:
         assert topics == first + second
         assert registry.get_sample_value("streamd_signals_published_total", {"signal": "s"}) == 60
         assert registry.get_sample_value("streamd_publish_messages_total", {"signal": "s"}) == 22
+
+    def test_emit_interval_stamps_each_record_with_the_reading_that_admitted_it(self, monkeypatch) -> None:
+        """A key's ``pub_ns`` stamps are at least ``emit_interval`` apart, however long encoding takes:
+        the clock is read once per send, and that reading both admits the rows and stamps them."""
+        readings = itertools.accumulate(itertools.cycle([400, 300, 20]))  # sends of uneven length
+        monkeypatch.setattr("streamd.publisher.time.time_ns", lambda: next(readings))
+        registry = CollectorRegistry()
+        ctx = zmq.Context()
+        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+        everything = Subscriptions()
+        everything.apply(b"\x01")
+        try:
+            for sock in (pub, sub):
+                sock.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            pub.bind("inproc://publisher-interval")
+            sub.connect("inproc://publisher-interval")
+            time.sleep(0.05)
+            spec = SignalSpec("s", "count", 3, ("mean",), emit_interval_ns=1_000)
+            publisher = SignalPublisher(spec, pub, WorkerMetrics(0, registry=registry), everything)
+            keys = np.array(["K"], dtype=object)
+            for t in range(30):
+                publisher.publish(SignalResult(np.array([0]), np.array([t]), {"mean": np.ones(1)}), keys)
+                publisher.flush_due(keys)
+            time.sleep(0.05)
+            stamps = []
+            while sub.poll(0):
+                stamps.append(msgpack.unpackb(sub.recv_multipart()[1])["pub_ns"])
+        finally:
+            pub.close(0)
+            sub.close(0)
+            ctx.term()
+        assert len(stamps) >= 5
+        assert all(b - a >= 1_000 for a, b in itertools.pairwise(stamps))
 
 
 class TestSubscriptions:
