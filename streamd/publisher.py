@@ -59,6 +59,15 @@ class Subscriptions:
         count = self._count
         return any(topic[:length] in count for length in self._lengths if length <= len(topic))
 
+    def wants_each(self, topics: list[bytes]) -> np.ndarray:
+        """:meth:`wants` of many topics, as a bool array: one C-level pass per distinct prefix
+        length, not a Python loop per topic (a flood of new keys asks this once per key)."""
+        wanted = np.zeros(len(topics), bool)
+        contains = self._count.__contains__
+        for length in self._lengths:
+            wanted |= np.fromiter(map(contains, [topic[:length] for topic in topics]), bool, len(topics))
+        return wanted
+
 
 class Throttle:
     """``emit_interval``: at most one row per key per interval (wall clock), newest wins."""
@@ -217,8 +226,7 @@ class SignalPublisher:
             return None if self._covered else np.zeros(len(slots), bool)
         unchecked = slots[~self._checked[slots]]
         if len(unchecked):
-            wants = subscriptions.wants
-            self._wanted[unchecked] = [wants(topic) for topic in self._topics_of(unchecked, keys).tolist()]
+            self._wanted[unchecked] = subscriptions.wants_each(self._topics_of(unchecked, keys).tolist())
             self._checked[unchecked] = True
         wanted: np.ndarray = self._wanted[slots]
         return wanted

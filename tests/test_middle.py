@@ -227,7 +227,8 @@ class TestSubscriptions:
     def test_matches_byte_prefixes_as_zeromq_does(self, changes: list[tuple[bool, bytes]], topics: list[bytes]) -> None:
         """Subscribe and unsubscribe in any order (counted, as XPUB passes them): a topic is wanted
         exactly when one of the prefixes still subscribed starts it, and ``covers`` answers for
-        every topic under a prefix only when that answer holds for all of them."""
+        every topic under a prefix only when that answer holds for all of them; ``wants_each`` answers
+        as ``wants`` does."""
         subscriptions = Subscriptions()
         held: dict[bytes, int] = {}
         for subscribe, prefix in changes:
@@ -236,6 +237,7 @@ class TestSubscriptions:
         live = [prefix for prefix, count in held.items() if count]
         for topic in topics:
             assert subscriptions.wants(topic) == any(topic.startswith(prefix) for prefix in live)
+        assert subscriptions.wants_each(topics).tolist() == [subscriptions.wants(topic) for topic in topics]
         for topic in topics:
             wanted = {subscriptions.wants(topic + tail) for tail in (b"", b"\x00", b"a", b"ab\xff")}
             covers = subscriptions.covers(topic)
