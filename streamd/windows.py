@@ -67,6 +67,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streamd.config import EWMA_STATS, WINDOW_STATS, SignalSpec
+from streamd.growable import GrowableArray
 
 I64 = NDArray[np.int64]
 F64 = NDArray[np.float64]
@@ -293,16 +294,6 @@ def _trailing_runs(batch: _Batch, previous_last: F64, previous_run: I64) -> I64:
     return np.where(continued, previous_run + batch.counts, batch.last + 1 - last_change)
 
 
-def _grow_rows(table: NDArray[Any], rows: int, fill: NDArray[Any]) -> NDArray[Any]:
-    """Return ``table`` with at least ``rows`` rows (geometric growth), new rows = ``fill``."""
-    if table.shape[0] >= rows:
-        return table
-    bigger = np.empty((max(rows, table.shape[0] + table.shape[0] // 2, 16), table.shape[1]), table.dtype)
-    bigger[: table.shape[0]] = table
-    bigger[table.shape[0] :] = fill
-    return bigger
-
-
 def _rows(table: NDArray[Any]) -> NDArray[Any]:
     """A C-contiguous 2-D table seen as one opaque item per row (fast row scatter)."""
     return table.view(np.dtype((np.void, table.shape[1] * table.itemsize))).reshape(-1)
@@ -322,10 +313,15 @@ def _needs(spec: SignalSpec) -> set[str]:
 
 
 class _TickPool:
-    """Flat column storage shared by all rings of one signal; blocks are bump-allocated."""
+    """Flat column storage shared by all rings of one signal; blocks are bump-allocated.
+
+    Each column lives in a :class:`GrowableArray`, and :attr:`columns` holds the only views of
+    them, so a growing pool moves its pages instead of copying every tick.
+    """
 
     def __init__(self, columns: dict[str, np.dtype]) -> None:
-        self.columns: dict[str, NDArray[Any]] = {name: np.zeros(0, dtype) for name, dtype in columns.items()}
+        self._arrays = {name: GrowableArray(dtype) for name, dtype in columns.items()}
+        self.columns: dict[str, NDArray[Any]] = {name: array.view() for name, array in self._arrays.items()}
         self.used = 0
 
     @property
@@ -343,13 +339,20 @@ class _TickPool:
         """Make every column hold at least ``size`` ticks (geometric growth)."""
         if size > self.size:
             new_size = max(size, 2 * self.size, 64)
-            for name, column in self.columns.items():
-                bigger = np.empty(new_size, column.dtype)
-                bigger[: column.size] = column
-                self.columns[name] = bigger
+            for name, array in self._arrays.items():
+                self.columns[name] = _NO_COLUMN  # drop the view: the mapping can move
+                self.columns[name] = array.resize(new_size)
 
     def add_column(self, name: str, dtype: np.dtype) -> None:
-        self.columns[name] = np.zeros(self.size, dtype)
+        self._arrays[name] = GrowableArray(dtype)
+        self.columns[name] = self._arrays[name].resize(self.size)
+
+    def relay(self, name: str, size: int, target: I64, source: I64) -> None:
+        """Column ``name`` afresh with ``size`` ticks, tick ``source[i]`` now at ``target[i]``."""
+        fresh = GrowableArray(self.columns[name].dtype)
+        column = fresh.resize(size)
+        column[target] = self.columns[name][source]
+        self._arrays[name], self.columns[name] = fresh, column
 
     def nbytes(self) -> int:
         return sum(column.nbytes for column in self.columns.values())
@@ -390,8 +393,10 @@ class _RingWindowState:
         # Rows holding a key's ring: counted from each batch's keys new to the engine (a signal added
         # by a reload counts its keys only from the next compaction on, which counts them all).
         self.rings = 0
-        self.ints = np.zeros((0, _INT_FILL.size), np.int64)
-        self.floats = np.zeros((0, _FLOAT_FILL.size), np.float64)
+        self._int_rows = GrowableArray(np.int64, _INT_FILL.size)
+        self._float_rows = GrowableArray(np.float64, _FLOAT_FILL.size)
+        self.ints = self._int_rows.view()  # the only views of the row tables (see _cover)
+        self.floats = self._float_rows.view()
         self.sum_kinds = np.zeros(0, np.int64)
         self.kernel_scalars = np.zeros(4, np.int64)  # pool used, pool size, live, size needed
         self.stat_codes: dict[tuple[str, ...], I64] = {}
@@ -488,15 +493,31 @@ class _RingWindowState:
             for name in names:
                 self.pool.columns[name[5:]][target] = arrays[name][source]
         ints[held, _OFF], ints[held, _CAP] = new_off, new_cap
-        self.ints, self.floats = ints, floats
+        self._int_rows = GrowableArray(np.int64, _INT_FILL.size)
+        self._float_rows = GrowableArray(np.float64, _FLOAT_FILL.size)
+        self.ints, self.floats = self._int_rows.resize(total), self._float_rows.resize(total)
+        self.ints[:], self.floats[:] = ints, floats
         self.rings = int(np.count_nonzero(ints[held, _END]))
         self.require(spec)
+
+    def _cover(self, rows: int) -> None:
+        """Per-key tables of at least ``rows`` rows; a row new to them is a never-seen key's.
+
+        Only the new rows are written, so a growing key population touches its memory a batch
+        at a time (:mod:`streamd.growable`).
+        """
+        known = self.ints.shape[0]
+        if rows <= known:
+            return
+        del self.ints, self.floats  # their only views: the mappings can move
+        self.ints = self._int_rows.resize(rows)  # new rows are zero, as _INT_FILL is
+        self.floats = self._float_rows.resize(rows)
+        self.floats[known:] = _FLOAT_FILL
 
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:  # noqa: PLR0912, PLR0915 - one pass, kept in order
         """Append the batch, slide each touched key's window to its newest tick, return ``wanted``."""
         keys = batch.keys
-        self.ints = _grow_rows(self.ints, int(keys[-1]) + 1, _INT_FILL)
-        self.floats = _grow_rows(self.floats, int(keys[-1]) + 1, _FLOAT_FILL)
+        self._cover(int(keys[-1]) + 1)
         self.rings += batch.new_keys
         # Local copies, written back at the end (take and row views: 2-D fancy indexing is slow).
         ints, floats = self.ints.take(keys, axis=0), self.floats.take(keys, axis=0)
@@ -584,9 +605,7 @@ class _RingWindowState:
     def update_compiled(self, grouped: _GroupedTicks, wanted: Sequence[str]) -> dict[str, F64]:
         """:meth:`update` done by the compiled kernel, one key and one tick at a time."""
         assert KERNEL is not None
-        rows = int(grouped.keys[-1]) + 1
-        self.ints = _grow_rows(self.ints, rows, _INT_FILL)
-        self.floats = _grow_rows(self.floats, rows, _FLOAT_FILL)
+        self._cover(int(grouped.keys[-1]) + 1)
         self.rings += grouped.new_keys
         codes = self.stat_codes.get(tuple(wanted))
         if codes is None:
@@ -825,10 +844,8 @@ class _RingWindowState:
         live = (lengths > 0).nonzero()[0]
         source, _, _ = _ring_positions(ints[keys[live], _OFF], ints[keys[live], _CAP] - 1, lo[live], lengths[live])
         target, _, _ = _ring_positions(new_off[live], new_cap[live] - 1, lo[live], lengths[live])
-        for name, column in pool.columns.items():
-            fresh = np.zeros(used + used // 4, column.dtype)
-            fresh[target] = column[source]
-            pool.columns[name] = fresh
+        for name in list(pool.columns):
+            pool.relay(name, used + used // 4, target, source)
         pool.used = used
         ints[keys, _OFF] = new_off
         ints[keys, _CAP] = new_cap
@@ -839,9 +856,7 @@ class _EwmaState:
 
     def __init__(self, spec: SignalSpec) -> None:
         self.half_life = float(spec.size)
-        self.num = np.zeros(0, np.float64)
-        self.den = np.zeros(0, np.float64)
-        self.t_last = np.zeros(0, np.int64)
+        self._adopt(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
     def require(self, spec: SignalSpec) -> None:
         """EWMA state serves its single stat whatever the stats list says."""
@@ -872,15 +887,30 @@ class _EwmaState:
                 piece[known] = column[rows[known]]
                 pieces.append(piece)
             gathered[name] = np.concatenate(pieces) if pieces else np.zeros(0)
-        self.num, self.den = gathered["num"].astype(np.float64), gathered["den"].astype(np.float64)
-        self.t_last = gathered["t_last"].astype(np.int64)
+        self._adopt(gathered["num"], gathered["den"], gathered["t_last"])
+
+    def _adopt(self, num: NDArray[Any], den: NDArray[Any], t_last: NDArray[Any]) -> None:
+        """Hold these per-key columns, each in a :class:`GrowableArray` of its own."""
+        self._num, self._den, self._t_last = (
+            GrowableArray(np.float64),
+            GrowableArray(np.float64),
+            GrowableArray(np.int64),
+        )
+        self.num, self.den = self._num.resize(num.size), self._den.resize(den.size)
+        self.t_last = self._t_last.resize(t_last.size)
+        self.num[:], self.den[:], self.t_last[:] = num, den, t_last
+
+    def _cover(self, size: int) -> None:
+        """Columns of at least ``size`` keys; new keys' entries are zero (no weight yet)."""
+        if size <= self.num.size:
+            return
+        del self.num, self.den, self.t_last  # their only views: the mappings can move
+        self.num, self.den, self.t_last = self._num.resize(size), self._den.resize(size), self._t_last.resize(size)
 
     def update(self, batch: _Batch, wanted: Sequence[str]) -> dict[str, F64]:
         """Decay each touched key's sums to its newest tick and add the batch's ticks."""
         keys, newest = batch.keys, batch.t_last
-        size = int(keys[-1]) + 1
-        self.num, self.den = _grow(self.num, size, 0.0), _grow(self.den, size, 0.0)
-        self.t_last = _grow(self.t_last, size, 0)
+        self._cover(int(keys[-1]) + 1)
         # Differences of int64 nanoseconds are exact; only the gap is converted to float.
         weight = np.exp2((batch.t - newest[batch.tick_key]).astype(np.float64) / self.half_life)
         terms = np.empty((2, weight.size))
@@ -898,9 +928,7 @@ class _EwmaState:
     def update_compiled(self, grouped: _GroupedTicks, wanted: Sequence[str]) -> dict[str, F64]:
         """:meth:`update` done by the compiled kernel."""
         assert KERNEL is not None
-        size = int(grouped.keys[-1]) + 1
-        self.num, self.den = _grow(self.num, size, 0.0), _grow(self.den, size, 0.0)
-        self.t_last = _grow(self.t_last, size, 0)
+        self._cover(int(grouped.keys[-1]) + 1)
         out = np.empty(grouped.keys.size)
         KERNEL.ewma_update(self.num, self.den, self.t_last, grouped.keys, grouped.starts, grouped.t, grouped.p,
                            self.half_life, out)  # fmt: skip
