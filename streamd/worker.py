@@ -33,7 +33,13 @@ from streamd.logs import RateLimiter, apply_log_config, setup_logging
 from streamd.metrics import WorkerMetrics
 from streamd.persistence import CheckpointWriter, Restored, Written, checkpoint_path, iso, load_for_worker
 from streamd.publisher import SignalPublisher, Subscriptions
-from streamd.runtime import RuntimePaths, die_with_parent, freeze_startup_objects, name_process
+from streamd.runtime import (
+    RuntimePaths,
+    die_with_parent,
+    freeze_startup_objects,
+    name_process,
+    zmq_context_that_sends_in_bursts,
+)
 from streamd.transport import EndOfInput, PartitionDropped, PartitionOwned, WorkerBatch, decode, encode_ack
 from streamd.windows import KERNEL, Engine
 
@@ -80,7 +86,7 @@ class Worker:
         self.subscriptions = Subscriptions()
 
     def startup(self) -> None:
-        self.ctx = zmq.Context()
+        self.ctx = zmq_context_that_sends_in_bursts()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, self.config.workers.queue_batches)
