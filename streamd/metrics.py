@@ -41,6 +41,28 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+# Finer where a worker's drains usually fall: the queueing model of a flood's cost to live keys
+# (bench/keyflood.py) reads their distribution from these.
+APPLY_BUCKETS = (
+    100e-6,
+    250e-6,
+    500e-6,
+    750e-6,
+    1e-3,
+    1.5e-3,
+    2e-3,
+    3e-3,
+    4e-3,
+    5e-3,
+    7.5e-3,
+    10e-3,
+    15e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    1.0,
+)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
@@ -157,6 +179,16 @@ class WorkerMetrics:
         self.busy = Counter(
             "streamd_worker_busy_seconds_total", "Time spent processing batches.", ["worker"], registry=registry
         ).labels(label)
+        apply_seconds = Histogram(
+            "streamd_worker_apply_seconds",
+            "Time a worker took to apply one drain of batches (map keys, update windows, publish), by whether "
+            "it announced or released keys (new_or_gone) or not (known). A batch arriving meanwhile waits for it.",
+            ["keys"],
+            buckets=APPLY_BUCKETS,
+            registry=registry,
+        )
+        self.apply_known = apply_seconds.labels("known")
+        self.apply_new_or_gone = apply_seconds.labels("new_or_gone")
         self.batches = Counter(
             "streamd_worker_batches_total", "Batches processed.", ["worker"], registry=registry
         ).labels(label)

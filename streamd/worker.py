@@ -182,14 +182,21 @@ class Worker:
             self._process(part)
 
     def _process(self, batches: list[WorkerBatch]) -> None:
+        """Apply the batches (:meth:`_apply`) and time it, apart for batches that announce or release keys."""
+        if not batches:
+            return
+        started = time.perf_counter()
+        self._apply(batches, started)
+        changing = any(batch.new_keys or batch.gone for batch in batches)
+        timer = self.metrics.apply_new_or_gone if changing else self.metrics.apply_known
+        timer.observe(time.perf_counter() - started)
+
+    def _apply(self, batches: list[WorkerBatch], started: float) -> None:
         """Map, apply and publish the batches as one engine call; then drop the state of released keys.
 
         Per batch: its new keys are mapped before its ticks, its gone slots unmapped after them,
         so a slot the ingest reuses in a later batch of the same drain is never confused.
         """
-        if not batches:
-            return
-        started = time.perf_counter()
         sorted_ = self.replay.sort(self._to_local(batches, started), started)
         if sorted_.missing:
             self.limited.warning(

@@ -195,3 +195,23 @@ def test_new_keys_past_the_backlog_are_shed_and_known_keys_flow(tmp_path: Path) 
     assert books['streamd_ticks_dropped_total{reason="new_key_backlog"}'] > 0
     assert accounting(books) == 0
     assert "new keys arrive faster than the workers take them" in daemon.log()
+
+
+def test_drains_that_announce_keys_are_timed_apart_from_those_of_known_keys(tmp_path: Path) -> None:
+    """streamd_worker_apply_seconds: a drain bringing new keys counts as new_or_gone, one of known keys as known."""
+
+    def drains() -> dict[str, float]:
+        samples = daemon.scrape()
+        kinds = ("new_or_gone", "known")
+        return {kind: samples.get(f'streamd_worker_apply_seconds_count{{keys="{kind}"}}', 0.0) for kind in kinds}
+
+    with running_daemon(tmp_path, workers=1, extra_toml=COUNT_SIGNAL) as daemon:
+        feed(daemon.ingest, [ticks_of(["A", "B", "C"])])
+        daemon.wait_for(lambda: sum(drains().values()) == 1, what="the new keys' drain")
+        first = drains()
+        feed(daemon.ingest, [ticks_of(["A", "B", "C"])])
+        daemon.wait_for(lambda: sum(drains().values()) == 2, what="the known keys' drain")
+        second = drains()
+        assert daemon.metric("streamd_ticks_processed_total") == 6
+    assert first == {"new_or_gone": 1.0, "known": 0.0}
+    assert second == {"new_or_gone": 1.0, "known": 1.0}
