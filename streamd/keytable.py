@@ -136,12 +136,21 @@ class KeyTable:
             if generation < newest[ingest] and now - self._used.get((ingest, generation), 0.0) > grace:
                 self._retire(ingest, generation)
 
-    def take_dying(self) -> Int64Array:
-        """Local indices no slot maps any more, since the last call: drop their state, then :meth:`recycle`."""
+    @property
+    def dying(self) -> int:
+        """Local indices no slot maps any more, not yet taken."""
+        return sum(len(indices) for indices in self._dying)
+
+    def take_dying(self, most: int | None = None) -> Int64Array:
+        """Up to ``most`` (None: all) local indices no slot maps any more, oldest first: drop their
+        state, then :meth:`recycle`. The others stay for a later call."""
         if not self._dying:
             return np.zeros(0, np.int64)
         dying = np.concatenate(self._dying) if len(self._dying) > 1 else self._dying[0]
         self._dying.clear()
+        if most is not None and len(dying) > most:
+            dying, rest = dying[:most], dying[most:]
+            self._dying.append(rest)
         return dying
 
     def recycle(self, indices: Int64Array) -> None:

@@ -47,9 +47,14 @@ _DRAIN_LIMIT = 256  # messages per wake-up before the worker processes what it h
 # Ticks merged into one engine call at most: the call's temporaries grow with it, so a deep backlog
 # is applied in calls of this size instead of one call holding gigabytes.
 _DRAIN_TICKS = 100_000
-# Released slots (keys the ingest evicted) a drain takes at most: about 2.5 ms of unmapping and
-# evicting, so that a flood's evictions reach the engine in steps and live ticks wait no longer.
+# Released slots (keys the ingest evicted) a drain takes at most: about 2.5 ms of unmapping, so
+# that a flood's evictions are unmapped in steps and live ticks wait no longer (their state is
+# dropped later still, between batches: Worker._evict_released).
 _DRAIN_RELEASES = 8_192
+# Released keys whose state is dropped per turn of the main loop when no batch waits (about 1 ms),
+# and how many may wait for that before a turn drops the excess at once.
+_EVICT_STEP = 2_048
+_EVICT_BACKLOG = 65_536
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost in a loop
 _RETIRE_EVERY_S = 1.0  # how often tables of replaced ingest incarnations are looked at
 _RETIRE_GRACE_S = 5.0  # a replaced incarnation that sent nothing for this long has nothing left queued
@@ -118,6 +123,7 @@ class Worker:
             poller.poll(self._poll_timeout_ms())
             self._hear_subscriptions()
             self._drain()
+            self._evict_released()
             for publisher in self.publishers:
                 publisher.flush_due(self.table.keys)
             self._retire_orphaned_keys()
@@ -135,6 +141,8 @@ class Worker:
             self.subscriptions.apply(message)
 
     def _poll_timeout_ms(self) -> int:
+        if self.table.dying:
+            return 0  # released keys' state is dropped between batches: come back at once
         intervals = [p.spec.emit_interval_ns for p in self.publishers if p.spec.emit_interval_ns]
         return max(1, min(intervals) // 1_000_000) if intervals else 100
 
@@ -212,7 +220,6 @@ class Worker:
             results, late = self.engine.process(slots, t, p, q)
             for publisher, result in zip(self.publishers, results, strict=True):
                 publisher.publish(result if self.view is None else self.view.visible(result), self.table.keys)
-        self._evict(self.table.take_dying())
         if not sorted_.new:
             self._settle(batches, 0, 0)
             return
@@ -256,6 +263,22 @@ class Worker:
         self.newest_event_ns = max(self.newest_event_ns, int(t.max()))
         self.metrics.replayed_quietly.inc(len(t))
 
+    def _evict_released(self) -> None:
+        """Drop the state of keys the ingests released, a step per turn of the main loop.
+
+        Released keys are unmapped in order within each drain (a returning key gets a fresh index
+        at once); dropping their state everywhere (engine rings, publisher tables, held rows) only
+        frees their indices, so it waits for a turn with no batch queued. A flood's evictions then
+        no longer lengthen the drains that live batches wait behind; a backlog past
+        ``_EVICT_BACKLOG`` (a worker with no idle turn) is dropped at once.
+        """
+        pending = self.table.dying
+        if not pending:
+            return
+        if pending <= _EVICT_BACKLOG and self.pull.poll(0):
+            return
+        self._evict(self.table.take_dying(max(_EVICT_STEP, pending - _EVICT_BACKLOG)))
+
     def _evict(self, indices: np.ndarray) -> None:
         """Drop every trace of keys no ingest routes any more; their indices become free for new keys."""
         if not len(indices):
@@ -269,15 +292,15 @@ class Worker:
         self.metrics.state_bytes.set(self.engine.memory_bytes())
 
     def _retire_orphaned_keys(self) -> None:
-        """Evict keys no live ingest will ever release: those only a dead ingest incarnation mapped
-        (a few seconds after its replacement), and restored ones no ingest announced within ``key_ttl``."""
+        """Release keys no live ingest will ever release: those only a dead ingest incarnation mapped
+        (a few seconds after its replacement), and restored ones no ingest announced within ``key_ttl``;
+        :meth:`_evict_released` drops their state."""
         now = time.perf_counter()
         if now >= self.next_retire:
             self.next_retire = now + _RETIRE_EVERY_S
             self.table.retire_superseded(now, _RETIRE_GRACE_S)
             if self.config.state.key_ttl_ns:
                 self.table.retire_unclaimed(now, self.config.state.key_ttl_ns / 1e9)
-            self._evict(self.table.take_dying())
 
     def _write_off_lost_batches(self) -> None:
         """Count as ``ingest_lost`` the batches a dead ingest handed over that never came: its
@@ -407,6 +430,7 @@ class Worker:
         if not final and (not due or self.writer.busy):
             return
         started = time.perf_counter()
+        self._evict(self.table.take_dying())  # else a released key would come back from the file with its state
         checkpoint = Checkpoint(
             worker=self.index,
             workers=self.config.workers.resolved_count(),

@@ -37,6 +37,19 @@ class TestKeyTable:
         assert table.keys[0] == "D"
         assert table.count == 3
 
+    def test_dying_indices_are_taken_oldest_first_in_steps(self) -> None:
+        """take_dying(most) hands out at most ``most`` indices in the order they died; the rest wait."""
+        table = KeyTable()
+        table.learn(0, 0, [(slot, f"K{slot}") for slot in range(10)])
+        table.forget(0, 0, [4, 1, 7])
+        table.forget(0, 0, [0, 9])
+        assert table.dying == 5
+        assert table.take_dying(2).tolist() == [4, 1]
+        table.forget(0, 0, [3])
+        assert table.take_dying(3).tolist() == [7, 0, 9]
+        assert table.take_dying().tolist() == [3]
+        assert table.dying == 0 and table.take_dying(5).size == 0
+
     def test_a_key_lives_while_any_ingest_maps_it(self) -> None:
         """The same key from two ingests is one index; it dies only when both released it."""
         table = KeyTable()
