@@ -10,22 +10,28 @@ that the next new keys take from, as the worker does with ``[state] key_ttl``. T
 so the run takes as long as the engine needs. Every ``--every`` keys the table prints the keys
 held, the engine's ``memory_bytes()`` and the process's resident memory; then the slope of both
 after warm-up (once held keys are steady), the same stream without eviction (a fresh index per
-key) for comparison, what one ``Engine.evict`` call costs by batch size, and the time per engine
-call under a flood of one-tick keys (``--flood-only`` runs just that).
+key) for comparison, what one ``Engine.evict`` call costs by batch size, the time per engine
+call under a flood of one-tick keys (``--flood-only`` runs just that), and the time per call while
+the key population climbs to a new high, when the per-key tables and tick pools grow
+(``--growth-only`` runs just that; ``--before REV`` adds the engine as it was at git revision REV,
+runs interleaved).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from bench.batch_cost import engine_from_revision
 from bench.report import Table, machine, machine_line, print_tables
 from streamd.config import DEFAULT_SIGNALS
 from streamd.windows import KERNEL, Engine
@@ -326,6 +332,52 @@ def flood_calls(population: int, per_batch: int = 1_000, evict_per_call: int = 4
     return table
 
 
+def growth_calls(before: str | None, population: int, per_batch: int = 1_000, rounds: int = 2) -> Table:
+    """Engines fed ``population`` new keys, ``per_batch`` one-tick keys per call, none evicted: every
+    call takes fresh indices, so the per-key tables and tick pools grow all the way. Contenders
+    take turns, a fresh engine each per round; per contender, all its calls of all rounds."""
+    factories: dict[str, Any] = {"this tree": lambda: Engine(list(DEFAULT_SIGNALS))}
+    if before:
+        old = engine_from_revision(before)
+        factories[before] = lambda: old.Engine(list(DEFAULT_SIGNALS))
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    faults: dict[str, int] = dict.fromkeys(factories, 0)
+    for _ in range(rounds):
+        for name, factory in factories.items():
+            engine, now = factory(), 1_700_000_000 * SECOND
+            first_fault = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for start in range(0, population, per_batch):
+                keys = np.arange(start, start + per_batch, dtype=np.int64)
+                now += SECOND // 200
+                started = time.perf_counter()
+                engine.process(keys, np.full(per_batch, now, np.int64), np.full(per_batch, 100.0), np.ones(per_batch))
+                times[name].append(time.perf_counter() - started)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - first_fault
+            del engine
+    table = Table(
+        f"Engine while the key population climbs to {population:,}: {per_batch:,} new one-tick keys per call, "
+        f"3 built-in signals, none evicted; {rounds} rounds interleaved",
+        ["engine", "calls", "median ms", "p99 ms", "max ms", "calls over 5 ms", "all calls s", "minor faults per call"],
+    )
+    for name, seconds in times.items():
+        ms = np.array(seconds) * 1e3
+        table.add(
+            name,
+            f"{len(ms):,}",
+            f"{np.median(ms):.2f}",
+            f"{np.percentile(ms, 99):.2f}",
+            f"{ms.max():.1f}",
+            f"{np.count_nonzero(ms > 5):,}",
+            f"{ms.sum() / 1e3:.2f}",
+            f"{faults[name] / len(ms):,.0f}",
+        )
+    table.notes.append(
+        "growth: each table or pool that runs out of room is made larger; minor faults: first touches of new "
+        "memory pages (getrusage), so a copy shows as a burst of them and a growth in place as a few per call"
+    )
+    return table
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="200,000 keys instead of 2,000,000")
@@ -340,6 +392,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--flood-only", action="store_true", help="only the engine under a flood of one-tick keys (400,000 held)"
     )
+    parser.add_argument("--growth-only", action="store_true", help="only the engine while the population grows")
+    parser.add_argument("--before", help="git revision: also time its engine while the population grows")
     args = parser.parse_args(argv)
     args.keys = args.keys or (200_000 if args.quick else 2_000_000)
     args.every = args.every or max(1, args.keys // 20)
@@ -348,10 +402,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    population = 200_000 if args.quick else 1_000_000
+    if args.growth_only:
+        print_tables([growth_calls(args.before, population)])
+        return 0
     flood = flood_calls(100_000 if args.quick else 400_000)
     if args.flood_only:
         print_tables([flood])
         return 0
+    growth = growth_calls(args.before, population)
     plan = Plan(
         args.keys,
         args.live,
@@ -451,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "ticks once evictions left the pool mostly waste, paid for by the ticks freed"
     )
     tables.append(cost_table)
-    tables.append(flood)
+    tables += [flood, growth]
     print()
     print_tables(tables)
     return 0

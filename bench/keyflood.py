@@ -10,6 +10,10 @@
    are compared with a run without the flood, in the same daemon, as ratios, over the whole phase
    and once the flood's key population is steady. ``--isolate`` also runs each phase with the
    worker on a core of its own and the flood's processes at nice 19 (:class:`Placement`).
+4. With more workers: a queueing model (:func:`predicted_live_latency`) of what the paced flood
+   costs the live keys when ``shard_for`` spreads it over N workers, each on a core of its own,
+   built from the live keys' latency alone and the worker's drain times under the flood, both
+   measured in part 3; its 1-worker prediction is shown next to the measurement.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.harness import CONTEXT, Daemon, SignalOptions, finish, hdr_quantiles, start_subscriber
+from bench.harness import CONTEXT, Daemon, Metrics, SignalOptions, finish, hdr_quantiles, hdr_value, start_subscriber
 from bench.report import Table, print_tables
 from streamd.config import DEFAULT_SIGNALS
 from streamd.keytable import KeyTable
@@ -35,6 +39,8 @@ from streamd.router import KeyRouter, Outbox
 from streamd.windows import Engine
 
 BATCH = 2_000  # new keys per message
+PACED = 200_000.0  # new keys/s of the paced flood
+PACED_PHASE = "flood paced at 200k/s"
 LIVE_KEYS = 100
 LIVE_TICKS_PER_S = 5_000
 
@@ -400,6 +406,62 @@ def admission_cost(per_message: int = 1_000, keys: int = 1_000, repeats: int = 3
 # -- 2. new-key rate with live keys beside -----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Drains:
+    """Drains that announced or released keys, from ``streamd_worker_apply_seconds{keys="new_or_gone"}``:
+    how many fell in each bucket (the last entry: above the last bound) and their total seconds."""
+
+    bounds: np.ndarray
+    counts: np.ndarray
+    seconds: float
+
+    @staticmethod
+    def read(metrics: Metrics) -> Drains:
+        cumulative: dict[float, float] = {}
+        for (name, labels), value in metrics.items():
+            label = dict(labels)
+            if name == "streamd_worker_apply_seconds_bucket" and label.get("keys") == "new_or_gone":
+                cumulative[float(label["le"])] = cumulative.get(float(label["le"]), 0.0) + value
+        bounds = np.array(sorted(cumulative))
+        counts = np.diff(np.array([cumulative[b] for b in bounds]), prepend=0.0)
+        seconds = metrics.total("streamd_worker_apply_seconds_sum", keys="new_or_gone")
+        return Drains(bounds[:-1], counts, seconds)  # the last bound is +Inf
+
+    def __sub__(self, earlier: Drains) -> Drains:
+        return Drains(self.bounds, self.counts - earlier.counts, self.seconds - earlier.seconds)
+
+    def __add__(self, other: Drains) -> Drains:
+        return Drains(self.bounds, self.counts + other.counts, self.seconds + other.seconds)
+
+
+def predicted_live_latency(
+    alone: np.ndarray, drains: Drains, elapsed_s: float, workers: int, samples: int = 400_000
+) -> tuple[float, float]:
+    """Live latency (p50, p99 in ns) if the flood that caused ``drains`` over ``elapsed_s`` on one
+    worker were spread over ``workers``, each on a core of its own.
+
+    A live batch that reaches its worker during a flood drain waits for the rest of it (the worker
+    applies known keys' batches first once it looks again, :func:`streamd.worker.known_first`), and
+    otherwise does not wait. Arrivals see time averages, so it lands in a flood drain with
+    probability equal to the fraction of time the worker spends in them, which ``workers`` divides;
+    the drain it lands in is drawn in proportion to its length, and what is left of it is uniform.
+    The drains keep the lengths measured with one worker; with a smaller share of the flood each,
+    a worker's batches of new keys would be smaller, so this overstates the wait. Everything else
+    is the live keys' own latency alone (``alone``: an HDR histogram), drawn independently.
+    """
+    rng = np.random.default_rng(0)
+    live = hdr_value(rng.choice(alone.size, samples, p=alone / alone.sum())).astype(np.float64)
+    lows = np.concatenate([[0.0], drains.bounds])
+    highs = np.concatenate([drains.bounds, [drains.bounds[-1]]])  # above the last bound: taken at it
+    weights = drains.counts * (lows + highs) / 2
+    bucket = rng.choice(weights.size, samples, p=weights / weights.sum())
+    length = rng.uniform(lows[bucket], highs[bucket])
+    busy = drains.seconds / elapsed_s / workers
+    wait = np.where(rng.random(samples) < busy, rng.random(samples) * length, 0.0)
+    p50, p99 = np.percentile(live + wait * 1e9, [50, 99])
+    return float(p50), float(p99)
+
+
 def live_phase(
     daemon: Daemon,
     seconds: float,
@@ -435,8 +497,12 @@ def live_phase(
 
     generators = start_generators(targets, arrange)
     started = time.monotonic()
-    time.sleep(seconds)
+    time.sleep(steady_after_s)
+    steady_drains, steady_started = Drains.read(daemon.scrape()), time.monotonic()
+    time.sleep(seconds - steady_after_s)
     mid = daemon_keys(daemon)
+    steady_drains = Drains.read(daemon.scrape()) - steady_drains
+    steady_s = time.monotonic() - steady_started
     elapsed = time.monotonic() - started
     stop_generators(generators)
     daemon.wait_idle(60)
@@ -461,10 +527,13 @@ def live_phase(
         "steady_p99_ms": steady_p99 / 1e6,
         "busy": (mid["busy"] - before["busy"]) / elapsed,
         "shed_per_s": (mid["shed"] - before["shed"]) / elapsed,
+        "steady_hdr": steady_report["hdr"],
+        "steady_drains": steady_drains,
+        "steady_s": steady_s,
     }
 
 
-def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = False) -> Table:
+def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = False) -> tuple[Table, Table]:
     """With ``own_endpoint`` the flood comes in on an endpoint (so an ingest process) of its own;
     with ``isolate`` every phase also runs under the :data:`ISOLATED` placement, interleaved."""
     where = "the flood on an endpoint of its own, 2 ingests" if own_endpoint else "1 ingest"
@@ -491,8 +560,8 @@ def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = Fal
     workloads = (
         ("live keys alone", None, False),
         ("flood, as fast as taken", 0.0, False),
-        ("flood paced at 200k/s", 200_000.0, False),
-        ("paced at 200k/s, a recorder on every record", 200_000.0, True),
+        (PACED_PHASE, PACED, False),
+        ("paced at 200k/s, a recorder on every record", PACED, True),
     )
     placements = (SHARED, ISOLATED) if isolate else (SHARED,)
     phases: dict[tuple[str, Placement], list[dict[str, Any]]] = {(w[0], p): [] for w in workloads for p in placements}
@@ -506,9 +575,10 @@ def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = Fal
                     phases[name, placement].append(result)
     finally:
         daemon.stop()
+    numbers = [key for key, value in phases["live keys alone", SHARED][0].items() if isinstance(value, float | int)]
     for (name, placement), results in phases.items():
-        alone = {k: float(np.median([r[k] for r in phases["live keys alone", placement]])) for k in results[0]}
-        med = {k: float(np.median([r[k] for r in results])) for k in results[0]}
+        alone = {k: float(np.median([r[k] for r in phases["live keys alone", placement]])) for k in numbers}
+        med = {k: float(np.median([r[k] for r in results])) for k in numbers}
         table.add(
             name + placement.name,
             f"{med['new_keys_per_s']:,.0f}",
@@ -527,7 +597,7 @@ def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = Fal
     table.notes.append(
         "live latency: subscriber receive wall clock - send wall clock, px1s records of live keys, from 0.5 s into "
         "the phase; steady: from 4.5 s on (2 key_ttl), once the flood's key population has stopped growing: before "
-        "that, the worker's tables and tick pool grow to it, and each growth copies them (first touch of new memory)"
+        "that, the worker's tables and tick pool grow to it (first touches of new memory, a few pages per batch)"
     )
     table.notes.append(
         "a recorder on every record: a second subscriber on all topics, so the flood's first records are built and "
@@ -543,7 +613,74 @@ def new_key_rate(seconds: float, own_endpoint: bool = False, isolate: bool = Fal
             "beside the live feed, live ingest, forwarder and subscriber; p99 is compared with the live keys alone "
             "under the same placement"
         )
-    table.data = {name + placement.name: results for (name, placement), results in phases.items()}
+    table.data = {
+        name + placement.name: [{k: r[k] for k in numbers} for r in results]
+        for (name, placement), results in phases.items()
+    }
+    return table, with_more_workers(phases, placements)
+
+
+def with_more_workers(
+    phases: dict[tuple[str, Placement], list[dict[str, Any]]], placements: tuple[Placement, ...]
+) -> Table:
+    """:func:`predicted_live_latency` for the paced flood over 1 to 16 workers, from the steady part
+    of the phases (both rounds pooled), next to what one worker measured."""
+    table = Table(
+        f"With more workers (predicted): the flood paced at {PACED:,.0f} new keys/s spread over N workers by "
+        "shard_for, each worker on a core of its own; the live keys' latency once the flood's population is steady",
+        [
+            "workers",
+            "new keys/s per worker",
+            "worker time in flood drains",
+            "live p50 (ms)",
+            "live p99 (ms)",
+            "p99 vs alone",
+        ],
+    )
+    for placement in placements:
+        alone = sum(r["steady_hdr"] for r in phases["live keys alone", placement])
+        paced = phases[PACED_PHASE, placement]
+        drains = sum((r["steady_drains"] for r in paced[1:]), paced[0]["steady_drains"])
+        elapsed = sum(r["steady_s"] for r in paced)
+        alone_p50, alone_p99 = hdr_quantiles(alone, (0.5, 0.99))
+        table.add(
+            f"live keys alone, measured{placement.name}",
+            "",
+            "",
+            f"{alone_p50 / 1e6:.2f}",
+            f"{alone_p99 / 1e6:.2f}",
+            "1.00x",
+        )
+        measured = sum(r["steady_hdr"] for r in paced)
+        p50, p99 = hdr_quantiles(measured, (0.5, 0.99))
+        table.add(
+            f"1, measured{placement.name}",
+            f"{PACED:,.0f}",
+            f"{drains.seconds / elapsed:.1%}",
+            f"{p50 / 1e6:.2f}",
+            f"{p99 / 1e6:.2f}",
+            f"{p99 / alone_p99:.2f}x",
+        )
+        for workers in (1, 2, 4, 8, 16):
+            p50, p99 = predicted_live_latency(alone, drains, elapsed, workers)
+            table.add(
+                f"{workers}, predicted{placement.name}",
+                f"{PACED / workers:,.0f}",
+                f"{drains.seconds / elapsed / workers:.1%}",
+                f"{p50 / 1e6:.2f}",
+                f"{p99 / 1e6:.2f}",
+                f"{p99 / alone_p99:.2f}x",
+            )
+    table.notes.append(
+        "model: a live batch that reaches its worker during a drain that announced or released keys waits for the "
+        "rest of it, with probability the worker's time in such drains (divided by N); drain lengths are those "
+        "measured with one worker (streamd_worker_apply_seconds{keys=new_or_gone}, fine buckets), which overstates "
+        "them for N > 1; the rest is the live keys' latency alone, measured in the same run"
+    )
+    table.notes.append(
+        "the 1-worker prediction leaves out what this box adds: the flood's generator and ingest take turns on the "
+        "cores the live path uses; the gap between it and the measurement is that share"
+    )
     return table
 
 
@@ -572,8 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(admission_cost())
         print_tables(tables[-1:])
     if args.only in (None, "rate"):
-        tables.append(new_key_rate(8.0 if args.quick else 15.0, args.flood_endpoint == "own", args.isolate))
-        print_tables(tables[-1:])
+        tables += new_key_rate(8.0 if args.quick else 15.0, args.flood_endpoint == "own", args.isolate)
+        print_tables(tables[-2:])
     return 0
 
 
