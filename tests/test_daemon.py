@@ -181,16 +181,28 @@ def test_javascript_style_ints_and_big_times_are_exact(tmp_path: Path) -> None:
     np.testing.assert_allclose(cw["mean"], np.mean([100 + i % 3 for i in range(13, 20)]), rtol=1e-12)
 
 
+def start_answering_ctrl_c(command: list[str]) -> subprocess.Popen[str]:
+    """Start ``command`` with SIGINT at its default, so Python turns a Ctrl-C into KeyboardInterrupt.
+
+    A suite started as a background job of a shell without job control (``cmd &`` in a script)
+    inherits SIGINT ignored, and an ignored signal stays ignored through exec; a handled one is
+    reset to the default there.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_replay_and_tail_commands(tmp_path: Path) -> None:
     """streamd replay publishes a CSV; streamd tail prints the matching signals as JSON lines."""
     csv_path = tmp_path / "ticks.csv"
     ticks = make_ticks(300, keys=3, seed=8)
     csv_path.write_text("k,t,p,q\n" + "".join(f"{x['k']},{x['t']},{x['p']!r},{x['q']}\n" for x in ticks))
     with running_daemon(tmp_path, workers=1, extra_toml=SIGNALS) as daemon:
-        tail = subprocess.Popen(
-            [sys.executable, "-m", "streamd", "tail", "--endpoint", daemon.publish, "--signal", "cw", "--key", "K1"],
-            stdout=subprocess.PIPE,
-            text=True,
+        tail = start_answering_ctrl_c(
+            [sys.executable, "-m", "streamd", "tail", "--endpoint", daemon.publish, "--signal", "cw", "--key", "K1"]
         )
         try:
             time.sleep(1.0)
