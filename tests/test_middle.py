@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import time
 from collections import deque
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -111,35 +114,57 @@ class TestKeyTable:
         assert (0, 0) not in table._tables and (0, 2) in table._tables
 
 
+@contextlib.contextmanager
+def pub_sub_pair(name: str, hwm: int | None = None) -> Iterator[tuple[zmq.Socket[Any], zmq.Socket[Any]]]:
+    """A publisher's socket and a subscriber to everything on it, over ``inproc://name``, connected;
+    with ``hwm``, both queues hold that many messages and a full one refuses a send (XPUB_NODROP)."""
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        for sock in (pub, sub):
+            sock.setsockopt(zmq.LINGER, 0)
+        if hwm is not None:
+            pub.setsockopt(zmq.SNDHWM, hwm)
+            pub.setsockopt(zmq.XPUB_NODROP, 1)
+            sub.setsockopt(zmq.RCVHWM, hwm)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        pub.bind(f"inproc://{name}")
+        sub.connect(f"inproc://{name}")
+        time.sleep(0.05)
+        yield pub, sub
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+
+
+def received(sub: zmq.Socket[Any]) -> list[list[bytes]]:
+    """Every message the subscriber holds, once the sends have had time to arrive."""
+    time.sleep(0.05)
+    messages = []
+    while sub.poll(0):
+        messages.append(sub.recv_multipart())
+    return messages
+
+
+def subscribed_to_everything() -> Subscriptions:
+    everything = Subscriptions()
+    everything.apply(b"\x01")
+    return everything
+
+
 class TestSignalPublisher:
     def test_rows_over_the_high_water_mark_are_dropped_and_counted_not_published(self) -> None:
         """A subscriber that never reads: published + dropped == rows, and drops are not called published."""
         registry = CollectorRegistry()
         metrics = WorkerMetrics(0, registry=registry)
-        ctx = zmq.Context()
-        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
-        try:
-            for sock in (pub, sub):
-                sock.setsockopt(zmq.LINGER, 0)
-            pub.setsockopt(zmq.SNDHWM, 5)
-            pub.setsockopt(zmq.XPUB_NODROP, 1)
-            sub.setsockopt(zmq.RCVHWM, 5)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            pub.bind("inproc://publisher-test")
-            sub.connect("inproc://publisher-test")
-            time.sleep(0.05)
+        with pub_sub_pair("publisher-test", hwm=5) as (pub, _):
             spec = SignalSpec("s", "count", 3, ("mean",))
-            everything = Subscriptions()
-            everything.apply(b"\x01")
-            publisher = SignalPublisher(spec, pub, metrics, everything)
+            publisher = SignalPublisher(spec, pub, metrics, subscribed_to_everything())
             keys = [f"K{i}" for i in range(100)]
             slots = np.arange(100)
             result = SignalResult(slots, np.arange(100), {"mean": np.ones(100)})
             publisher.publish(result, np.array(keys, dtype=object))
-        finally:
-            pub.close(0)
-            sub.close(0)
-            ctx.term()
         published = registry.get_sample_value("streamd_signals_published_total", {"signal": "s"})
         dropped = registry.get_sample_value("streamd_publish_dropped_total", {"signal": "s"})
         assert published is not None and dropped is not None
@@ -151,17 +176,9 @@ class TestSignalPublisher:
         new subscription is honoured from the next batch on."""
         registry = CollectorRegistry()
         metrics = WorkerMetrics(0, registry=registry)
-        ctx = zmq.Context()
-        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
         subscriptions = Subscriptions()
         subscriptions.apply(b"\x01s.K1")
-        try:
-            for sock in (pub, sub):
-                sock.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            pub.bind("inproc://publisher-subscriptions")
-            sub.connect("inproc://publisher-subscriptions")
-            time.sleep(0.05)
+        with pub_sub_pair("publisher-subscriptions") as (pub, sub):
             publisher = SignalPublisher(SignalSpec("s", "count", 3, ("mean",)), pub, metrics, subscriptions)
             keys = np.array([f"K{i}" for i in range(30)], dtype=object)
             result = SignalResult(np.arange(30), np.arange(30), {"mean": np.ones(30)})
@@ -169,14 +186,7 @@ class TestSignalPublisher:
             subscriptions.apply(b"\x01s.K2")
             subscriptions.apply(b"\x00s.K1")
             publisher.publish(result, keys)
-            time.sleep(0.05)
-            topics = []
-            while sub.poll(0):
-                topics.append(sub.recv_multipart()[0].decode())
-        finally:
-            pub.close(0)
-            sub.close(0)
-            ctx.term()
+            topics = [message[0].decode() for message in received(sub)]
         first = ["s.K1"] + [f"s.K{i}" for i in range(10, 20)]
         second = ["s.K2"] + [f"s.K{i}" for i in range(20, 30)]
         assert topics == first + second
@@ -189,31 +199,14 @@ class TestSignalPublisher:
         readings = itertools.accumulate(itertools.cycle([400, 300, 20]))  # sends of uneven length
         monkeypatch.setattr("streamd.publisher.time.time_ns", lambda: next(readings))
         registry = CollectorRegistry()
-        ctx = zmq.Context()
-        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
-        everything = Subscriptions()
-        everything.apply(b"\x01")
-        try:
-            for sock in (pub, sub):
-                sock.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            pub.bind("inproc://publisher-interval")
-            sub.connect("inproc://publisher-interval")
-            time.sleep(0.05)
+        with pub_sub_pair("publisher-interval") as (pub, sub):
             spec = SignalSpec("s", "count", 3, ("mean",), emit_interval_ns=1_000)
-            publisher = SignalPublisher(spec, pub, WorkerMetrics(0, registry=registry), everything)
+            publisher = SignalPublisher(spec, pub, WorkerMetrics(0, registry=registry), subscribed_to_everything())
             keys = np.array(["K"], dtype=object)
             for t in range(30):
                 publisher.publish(SignalResult(np.array([0]), np.array([t]), {"mean": np.ones(1)}), keys)
                 publisher.flush_due(keys)
-            time.sleep(0.05)
-            stamps = []
-            while sub.poll(0):
-                stamps.append(msgpack.unpackb(sub.recv_multipart()[1])["pub_ns"])
-        finally:
-            pub.close(0)
-            sub.close(0)
-            ctx.term()
+            stamps = [msgpack.unpackb(message[1])["pub_ns"] for message in received(sub)]
         assert len(stamps) >= 5
         assert all(b - a >= 1_000 for a, b in itertools.pairwise(stamps))
 
