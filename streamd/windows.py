@@ -856,7 +856,7 @@ class _EwmaState:
 
     def __init__(self, spec: SignalSpec) -> None:
         self.half_life = float(spec.size)
-        self._adopt(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+        self._hold(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
     def require(self, spec: SignalSpec) -> None:
         """EWMA state serves its single stat whatever the stats list says."""
@@ -887,9 +887,9 @@ class _EwmaState:
                 piece[known] = column[rows[known]]
                 pieces.append(piece)
             gathered[name] = np.concatenate(pieces) if pieces else np.zeros(0)
-        self._adopt(gathered["num"], gathered["den"], gathered["t_last"])
+        self._hold(gathered["num"], gathered["den"], gathered["t_last"])
 
-    def _adopt(self, num: NDArray[Any], den: NDArray[Any], t_last: NDArray[Any]) -> None:
+    def _hold(self, num: NDArray[Any], den: NDArray[Any], t_last: NDArray[Any]) -> None:
         """Hold these per-key columns, each in a :class:`GrowableArray` of its own."""
         self._num, self._den, self._t_last = (
             GrowableArray(np.float64),

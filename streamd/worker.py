@@ -200,7 +200,8 @@ class Worker:
         timer.observe(time.perf_counter() - started)
 
     def _apply(self, batches: list[WorkerBatch], started: float) -> None:
-        """Map, apply and publish the batches as one engine call; then drop the state of released keys.
+        """Map, apply and publish the batches as one engine call; released keys are unmapped here and
+        their state dropped later (:meth:`_evict_released`).
 
         Per batch: its new keys are mapped before its ticks, its gone slots unmapped after them,
         so a slot the ingest reuses in a later batch of the same drain is never confused.
@@ -292,9 +293,9 @@ class Worker:
         self.metrics.state_bytes.set(self.engine.memory_bytes())
 
     def _retire_orphaned_keys(self) -> None:
-        """Release keys no live ingest will ever release: those only a dead ingest incarnation mapped
-        (a few seconds after its replacement), and restored ones no ingest announced within ``key_ttl``;
-        :meth:`_evict_released` drops their state."""
+        """Let go of keys no live ingest will ever release: those only a dead ingest incarnation mapped
+        (a few seconds after its replacement), and restored ones no ingest announced within ``key_ttl``.
+        They start dying like released keys, and :meth:`_evict_released` drops their state."""
         now = time.perf_counter()
         if now >= self.next_retire:
             self.next_retire = now + _RETIRE_EVERY_S
