@@ -100,11 +100,12 @@ class Metrics(dict[tuple[str, tuple[tuple[str, str], ...]], float]):
         want = set(labels.items())
         return sum(v for (n, lab), v in self.items() if n == name and want <= set(lab))
 
-    def buckets(self, name: str) -> list[tuple[float, float]]:
-        """Cumulative (upper bound, count) of a histogram summed over all label sets."""
+    def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
+        """Cumulative (upper bound, count) of a histogram summed over the label sets that have ``labels``."""
+        want = set(labels.items())
         bounds: dict[float, float] = {}
         for (n, lab), value in self.items():
-            if n == f"{name}_bucket":
+            if n == f"{name}_bucket" and want <= set(lab):
                 le = float(dict(lab)["le"])
                 bounds[le] = bounds.get(le, 0.0) + value
         return sorted(bounds.items())

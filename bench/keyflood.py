@@ -422,15 +422,10 @@ class Drains:
 
     @staticmethod
     def read(metrics: Metrics) -> Drains:
-        cumulative: dict[float, float] = {}
-        for (name, labels), value in metrics.items():
-            label = dict(labels)
-            if name == "streamd_worker_apply_seconds_bucket" and label.get("keys") == "new_or_gone":
-                cumulative[float(label["le"])] = cumulative.get(float(label["le"]), 0.0) + value
-        bounds = np.array(sorted(cumulative))
-        counts = np.diff(np.array([cumulative[b] for b in bounds]), prepend=0.0)
+        bounds, cumulative = zip(*metrics.buckets("streamd_worker_apply_seconds", keys="new_or_gone"), strict=True)
+        counts = np.diff(np.array(cumulative), prepend=0.0)
         seconds = metrics.total("streamd_worker_apply_seconds_sum", keys="new_or_gone")
-        return Drains(bounds[:-1], counts, seconds)  # the last bound is +Inf
+        return Drains(np.array(bounds[:-1]), counts, seconds)  # the last bound is +Inf
 
     def __sub__(self, earlier: Drains) -> Drains:
         return Drains(self.bounds, self.counts - earlier.counts, self.seconds - earlier.seconds)
